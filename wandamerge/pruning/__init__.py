@@ -1,0 +1,100 @@
+"""Pruning: scores, masks, methods and the in-memory ``prune`` API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import LinearMap, block_prefix, decoder_blocks
+from ..runner import InputStats, blockwise_pass
+from .masks import cumulative_alpha_mask, nm_mask, parse_pattern, row_mask, tensor_mask
+from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, register_prune_method
+from .scores import magnitude_score, wanda_score
+from .sparsegpt import sparsegpt_prune
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PRUNE_METHODS", "PruneReport", "PruneTarget", "cumulative_alpha_mask", "get_prune_method",
+    "magnitude_score", "nm_mask", "parse_pattern", "prune", "register_prune_method", "row_mask",
+    "sparsegpt_prune", "tensor_mask", "wanda_score",
+]
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target: dict
+    within_block: str
+    nsamples: int
+    seqlen: int
+    matrix_sparsity: dict[str, float] = field(default_factory=dict)  # full parameter name -> zeros fraction
+    block_sparsity: list[float] = field(default_factory=list)
+    overall_sparsity: float = 0.0  # over all pruned linear maps
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: str = "wanda",
+          sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
+          update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
+          within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
+          progress: bool = True) -> PruneReport:
+    """Prune every linear map in the decoder blocks of ``model`` in place.
+
+    ``calibration`` is an integer tensor of token windows ``(nsamples, seqlen)``;
+    methods that need no activations (magnitude without ``update``) ignore it.
+    Embeddings and the LM head are never pruned.
+    """
+    prune_method = get_prune_method(method)
+    target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
+                         update=update, blocksize=blocksize, percdamp=percdamp)
+    needs = prune_method.needs_for(target)
+    if needs and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration windows")
+    blocks = decoder_blocks(model)
+    prefix = block_prefix(model)
+    if target.nm:
+        _check_widths(blocks, target.nm[1])
+
+    zeros: dict[str, tuple[int, int]] = {}
+
+    def visit(index: int, linear: LinearMap, stats: InputStats | None) -> None:
+        new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, target)
+        linear.set_weight(new_weight.to(linear.weight.dtype))
+        zeros[f"{prefix}.{index}.{linear.name}.weight"] = (int((linear.weight == 0).sum()), linear.weight.numel())
+
+    t0 = time.perf_counter()
+    timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
+                             batch_size=batch_size, within_block=within_block, progress=progress,
+                             desc=f"{method} pruning")
+    total = time.perf_counter() - t0
+
+    report = PruneReport(
+        method=method, target=asdict(target), within_block=timings.within_block or "none",
+        nsamples=int(calibration.shape[0]) if needs else 0, seqlen=int(calibration.shape[1]) if needs else 0,
+        matrix_sparsity={k: z / n for k, (z, n) in zeros.items()},
+        seconds={"catch": timings.catch_s, "forward": timings.forward_s, "decision": timings.visit_s,
+                 "total": total},
+    )
+    for index in range(len(blocks)):
+        block_counts = [v for k, v in zeros.items() if k.startswith(f"{prefix}.{index}.")]
+        report.block_sparsity.append(sum(z for z, _ in block_counts) / max(1, sum(n for _, n in block_counts)))
+    report.overall_sparsity = sum(z for z, _ in zeros.values()) / max(1, sum(n for _, n in zeros.values()))
+    log.info("%s: %.4f of the decoder linear weights are zero", method, report.overall_sparsity)
+    return report
+
+
+def _check_widths(blocks: nn.ModuleList, m: int) -> None:
+    from ..models import block_linears
+
+    for linear in block_linears(blocks[0]):
+        if linear.in_features % m:
+            raise ValueError(f"N:M pattern needs every input width divisible by {m}; "
+                             f"{linear.name} has {linear.in_features} inputs")

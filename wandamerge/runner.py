@@ -1,0 +1,268 @@
+"""The layer-by-layer pass shared by pruning and merging.
+
+Catch the inputs of the first decoder block; then for each block: hook its
+linear maps, run the calibration windows through it, hand each linear map and
+the statistics of its inputs to a visitor (which decides masks and writes
+weights), and keep the block's outputs as the next block's inputs. Only the
+block being processed needs to sit on the compute device.
+
+Two orders inside a block:
+
+* ``"sequential"`` (default, one forward per block): each linear map is
+  visited from a hook the moment its input is seen, so it is pruned before the
+  rest of the block runs, and later maps in the block see the outputs of the
+  already-pruned earlier ones. Needs all windows in one batch.
+* ``"parallel"`` (two forwards per block, as the official Wanda and SparseGPT
+  code): statistics for every map come from the unpruned block, possibly over
+  several batches; the block is then pruned and run again for its outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import LinearMap, block_linears, decoder_blocks
+
+log = logging.getLogger(__name__)
+
+NORMS = "norms"  # per-input-channel sum of x_j ** 2 (Wanda)
+GRAM = "gram"  # X^T X summed over tokens (SparseGPT, weight update)
+
+WITHIN_BLOCK_ORDERS = ("sequential", "parallel")
+_TOKEN_CHUNK = 8192  # statistics are accumulated over at most this many tokens at a time
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs a linear map saw over the calibration windows."""
+
+    tokens: int = 0
+    sq_norms: torch.Tensor | None = None  # (in,) sum over tokens of x_j ** 2
+    gram: torch.Tensor | None = None  # (in, in) sum over tokens of x x^T
+
+    def add(self, other: "InputStats") -> None:
+        self.tokens += other.tokens
+        if other.sq_norms is not None:
+            self.sq_norms = other.sq_norms if self.sq_norms is None else self.sq_norms + other.sq_norms
+        if other.gram is not None:
+            self.gram = other.gram if self.gram is None else self.gram + other.gram
+
+
+def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
+    """Statistics of one batch of inputs ``x`` (..., in), accumulated in float32."""
+    needs = set(needs)
+    flat = x.detach().reshape(-1, x.shape[-1])
+    stats = InputStats(tokens=flat.shape[0])
+    width = flat.shape[1]
+    if NORMS in needs:
+        stats.sq_norms = torch.zeros(width, dtype=torch.float32, device=x.device)
+    if GRAM in needs:
+        stats.gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
+    for start in range(0, flat.shape[0], _TOKEN_CHUNK):
+        chunk = flat[start:start + _TOKEN_CHUNK].float()
+        if stats.sq_norms is not None:
+            stats.sq_norms += torch.linalg.vector_norm(chunk, dim=0) ** 2
+        if stats.gram is not None:
+            stats.gram.addmm_(chunk.T, chunk)
+    return stats
+
+
+# A visitor gets (block index, linear map, statistics of its inputs or None).
+Visitor = Callable[[int, LinearMap, "InputStats | None"], None]
+
+
+@dataclass
+class BlockInputs:
+    """What the first block was called with, for one batch of windows."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+class _Caught(Exception):
+    pass
+
+
+@dataclass
+class PassTimings:
+    catch_s: float = 0.0
+    forward_s: float = 0.0
+    visit_s: float = 0.0
+    within_block: str = ""
+    per_block_s: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
+
+
+def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                             batch_size: int) -> list[BlockInputs]:
+    """Run the model up to its first decoder block, once per batch of windows."""
+    blocks = decoder_blocks(model)
+    caught: list[BlockInputs] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append(BlockInputs(hidden, tuple(args[1:]), dict(kwargs)))
+        raise _Caught
+
+    _move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    return caught
+
+
+def _run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+    out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visitor, *,
+                   needs: Iterable[str] = (NORMS,), device: str | torch.device = "cpu",
+                   batch_size: int | None = None, within_block: str = "sequential",
+                   progress: bool = True, desc: str = "blocks") -> PassTimings:
+    """Visit every linear map of every decoder block, in order, with its input statistics.
+
+    ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``); with
+    no needs (magnitude pruning, data-free merging) no calibration is run.
+    """
+    device = torch.device(device)
+    needs = set(needs)
+    timings = PassTimings()
+    blocks = decoder_blocks(model)
+    if within_block not in WITHIN_BLOCK_ORDERS:
+        raise ValueError(f"within_block must be one of {WITHIN_BLOCK_ORDERS}, got {within_block!r}")
+
+    if not needs:
+        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+            t0 = time.perf_counter()
+            for linear in block_linears(block):
+                visit(index, linear, None)
+            timings.visit_s += time.perf_counter() - t0
+            timings.per_block_s.append(time.perf_counter() - t0)
+        return timings
+
+    if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
+        raise ValueError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
+    batch_size = batch_size or windows.shape[0]
+    if within_block == "sequential" and batch_size < windows.shape[0]:
+        log.warning("within-block order 'sequential' needs all %d windows in one batch; "
+                    "batch size %d given, using 'parallel'", windows.shape[0], batch_size)
+        within_block = "parallel"
+    timings.within_block = within_block
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        inputs = catch_first_block_inputs(model, windows, device, batch_size)
+        _sync(device)
+        timings.catch_s = time.perf_counter() - t0
+
+        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+            t_block = time.perf_counter()
+            home = next(block.parameters()).device
+            block.to(device)
+            linears = block_linears(block)
+            if within_block == "sequential":
+                outputs = _sequential_block(index, block, linears, inputs, visit, needs, timings, device)
+            else:
+                outputs = _parallel_block(index, block, linears, inputs, visit, needs, timings, device)
+            block.to(home)
+            for batch, out in zip(inputs, outputs):
+                batch.hidden = out
+            _sync(device)
+            timings.per_block_s.append(time.perf_counter() - t_block)
+    return timings
+
+
+def _sequential_block(index, block, linears, inputs, visit, needs, timings, device):
+    """One forward: each map is visited (and pruned) as its input arrives."""
+    last = {"x": None, "stats": None}
+
+    def make_hook(linear: LinearMap):
+        def hook(module, args):
+            x = args[0]
+            if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
+                last["x"], last["stats"] = x, input_stats(x, needs)
+            _sync(device)
+            t0 = time.perf_counter()
+            visit(index, linear, last["stats"])
+            _sync(device)
+            timings.visit_s += time.perf_counter() - t0
+        return hook
+
+    handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in linears]
+    try:
+        t0 = time.perf_counter()
+        outputs = [_run_block(block, batch) for batch in inputs]
+        _sync(device)
+        timings.forward_s += time.perf_counter() - t0
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _parallel_block(index, block, linears, inputs, visit, needs, timings, device):
+    """Two forwards: statistics from the unpruned block, then outputs of the pruned one."""
+    totals = {lin.name: InputStats() for lin in linears}
+    last = {"x": None, "stats": None}
+
+    def make_hook(linear: LinearMap):
+        def hook(module, args):
+            x = args[0]
+            if last["x"] is not x:
+                last["x"], last["stats"] = x, input_stats(x, needs)
+            totals[linear.name].add(last["stats"])
+        return hook
+
+    handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in linears]
+    t0 = time.perf_counter()
+    try:
+        for batch in inputs:
+            _run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last["x"] = last["stats"] = None
+    _sync(device)
+    t1 = time.perf_counter()
+    for linear in linears:
+        visit(index, linear, totals[linear.name])
+    _sync(device)
+    t2 = time.perf_counter()
+    outputs = [_run_block(block, batch) for batch in inputs]
+    _sync(device)
+    timings.forward_s += (t1 - t0) + (time.perf_counter() - t2)
+    timings.visit_s += t2 - t1
+    return outputs
