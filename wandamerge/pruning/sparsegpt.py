@@ -42,6 +42,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if n and cols % m:
         raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+    if n and blocksize % m:
+        raise ValueError(f"SparseGPT with N:M {n}:{m} needs a blocksize divisible by {m}, got {blocksize}")
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     hinv, dead = inverse_hessian_factor(hessian.to(w.device), percdamp)
     w[:, dead] = 0

@@ -1,0 +1,83 @@
+"""Tiny random models built from configs, and a word-level tokenizer, for fast tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          OPTConfig, PreTrainedTokenizerFast, Qwen2Config)
+
+VOCAB = 96
+
+
+def tiny_config(arch: str):
+    """A 2-block model of each supported family, widths divisible by 8 (for 4:8)."""
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "mistral":
+        return MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, word_embed_proj_dim=32, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=128, **common)
+    raise KeyError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    # Random init gives near-identical tiny weights; spread them so masks are decisive.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """Words w3..w{V-1} map to their number; [PAD]=0, [BOS]=1, [UNK]=2."""
+    import tokenizers
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[UNK]": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token="[BOS]", eos_token="[UNK]")
+
+
+def random_text(nwords: int, seed: int = 0, vocab_size: int = VOCAB) -> str:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (nwords,), generator=g)
+    return " ".join(f"w{i}" for i in ids.tolist())
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """Save a tiny model of the given family with its tokenizer; returns the directory."""
+    def make(arch: str = "llama", seed: int = 0):
+        path = tmp_path / f"{arch}-{seed}"
+        tiny_model(arch, seed).save_pretrained(path)
+        word_tokenizer().save_pretrained(path)
+        return path
+    return make
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(random_text(4000, seed=1))
+    return path

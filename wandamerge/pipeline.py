@@ -1,0 +1,183 @@
+"""End-to-end jobs behind the CLI: load, calibrate, prune, evaluate, save, record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibration import calibration_windows, evaluation_windows
+from .evaluation.perplexity import perplexity
+from .models import ModelError, load_model, prepare_smollm2, save_model
+from .pruning import prune
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {"smollm2": prepare_smollm2}
+
+
+def resolve_model(spec: str) -> str:
+    """A model argument: an embedded name (``smollm2``), a directory, a ``.gguf`` file or a hub id."""
+    if spec in EMBEDDED_MODELS:
+        return str(EMBEDDED_MODELS[spec]())
+    return spec
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"wandamerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class StageClock:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def check_output_dir(out: str | Path, inputs: list[str], overwrite: bool) -> Path:
+    """Refuse an existing output (unless overwrite) or one inside an input model."""
+    out_path = Path(out).resolve()
+    for spec in inputs:
+        src = Path(spec)
+        if src.exists():
+            src_dir = (src.parent if src.is_file() else src).resolve()
+            if out_path == src_dir or src_dir in out_path.parents:
+                raise ModelError(f"output {out_path} lies inside the input model {src_dir}; choose another directory")
+    if out_path.exists() and not overwrite:
+        raise ModelError(f"output {out_path} already exists; pass --overwrite to replace it")
+    return out_path
+
+
+def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wanda", sparsity: float = 0.5,
+                       pattern: str | None = None, group: str = "row", variant: bool = False,
+                       update: bool = False, calib: str = "wiki", nsamples: int = 128,
+                       seqlen: int | None = None, seed: int = 0, device: str = "cpu",
+                       dtype: str = "float32", batch_size: int | None = None,
+                       within_block: str = "sequential", eval_ppl: str | None = None,
+                       eval_windows: int | None = 64, overwrite: bool = False,
+                       max_shard_size: str = "2GB", progress: bool = True) -> dict:
+    """Prune a model and (if ``out``) save it with ``wandamerge.json`` and a model card.
+
+    Returns the run record (also written to ``wandamerge.json``).
+    """
+    clock = StageClock()
+    source = resolve_model(model)
+    out_path = check_output_dir(out, [source], overwrite) if out else None
+    if nsamples <= 0:
+        raise ValueError(f"nsamples must be positive, got {nsamples}")
+    if seqlen is not None and seqlen <= 0:
+        raise ValueError(f"seqlen must be positive, got {seqlen}")
+
+    with clock.stage("load"):
+        lm, tokenizer = load_model(source, dtype=dtype)
+    context = int(getattr(lm.config, "max_position_embeddings", 2048) or 2048)
+    seqlen = seqlen or min(context, 2048)
+    if seqlen > context:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+
+    calibration = None
+    if method != "magnitude" or update:
+        with clock.stage("calibration_data"):
+            calibration = calibration_windows(calib, tokenizer, nsamples, seqlen, seed=seed,
+                                              vocab_size=lm.config.vocab_size)
+
+    ppl: dict[str, float] = {}
+    eval_data = None
+    if eval_ppl:
+        with clock.stage("evaluation_data"):
+            eval_data = evaluation_windows(eval_ppl, tokenizer, seqlen, max_windows=eval_windows,
+                                           vocab_size=lm.config.vocab_size)
+        with clock.stage("eval_dense"):
+            ppl["dense"] = perplexity(lm, eval_data, device=device, progress=progress)
+        log.info("dense perplexity %.3f", ppl["dense"])
+
+    with clock.stage("prune"):
+        report = prune(lm, calibration, method=method, sparsity=sparsity, pattern=pattern, group=group,
+                       variant=variant, update=update, device=device, batch_size=batch_size,
+                       within_block=within_block, progress=progress)
+
+    if eval_data is not None:
+        with clock.stage("eval_pruned"):
+            ppl["pruned"] = perplexity(lm, eval_data, device=device, progress=progress)
+        log.info("pruned perplexity %.3f", ppl["pruned"])
+
+    record = {
+        "job": "prune",
+        "model": model,
+        "model_source": source,
+        "settings": {"method": method, "sparsity": report.target["sparsity"] if not pattern else None,
+                     "pattern": pattern, "group": group, "variant": variant, "update": update,
+                     "calib": calib, "nsamples": report.nsamples, "seqlen": report.seqlen, "seed": seed,
+                     "device": device, "dtype": dtype, "batch_size": batch_size,
+                     "within_block": report.within_block, "eval_ppl": eval_ppl,
+                     "eval_windows": None if eval_data is None else int(eval_data.shape[0])},
+        "versions": versions(),
+        "perplexity": ppl,
+        "sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
+                     "per_matrix": report.matrix_sparsity},
+        "prune_seconds": report.seconds,
+    }
+    if out_path is not None:
+        with clock.stage("save"):
+            record["seconds"] = dict(clock.seconds)
+            record["peak_memory"] = _peak_memory(device)
+            files = {"wandamerge.json": json.dumps(record, indent=2),
+                     "README.md": model_card(record)}
+            save_model(lm, tokenizer, out_path, extra_files=files, overwrite=overwrite,
+                       max_shard_size=max_shard_size)
+    record["seconds"] = dict(clock.seconds)
+    record["peak_memory"] = _peak_memory(device)
+    if out_path is not None:  # final numbers, including the save itself
+        (out_path / "wandamerge.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _peak_memory(device: str) -> dict[str, int]:
+    peak = {"rss_bytes": peak_rss_bytes()}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        peak["cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peak
+
+
+def model_card(record: dict) -> str:
+    s = record["settings"]
+    shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    lines = [
+        "---", "library_name: transformers", "tags: [wandamerge, pruned, sparse]", "---", "",
+        f"# {Path(str(record['model'])).name} pruned with {s['method']}", "",
+        f"Pruned by wandamerge {record['versions']['wandamerge']} from `{record['model']}`: "
+        f"{shape}, decoder linear maps only (embeddings and LM head kept dense).", "",
+        "| setting | value |", "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in s.items()]
+    lines += ["", f"Overall sparsity of the decoder linear weights: {record['sparsity']['overall']:.4f}.", ""]
+    if record["perplexity"]:
+        lines += ["| perplexity | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in record["perplexity"].items()]
+        lines.append("")
+    lines += ["Every setting, version, time and per-matrix sparsity is in `wandamerge.json`.", ""]
+    return "\n".join(lines)
