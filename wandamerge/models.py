@@ -158,13 +158,14 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
             raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is not a transformers model directory (no config.json)")
-    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")
     log.info("loading %s", spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
     except OSError as exc:
-        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from exc
+        where = "" if path.exists() else " (not a local path, and the hub could not provide it)"
+        raise ModelError(f"could not load model {spec}{where}: {str(exc).splitlines()[0]}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError, TypeError) as exc:

@@ -128,6 +128,7 @@ def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, device: to
         caught.append(BlockInputs(hidden, tuple(args[1:]), dict(kwargs)))
         raise _Caught
 
+    home = next(model.parameters()).device
     _move_outside_blocks(model, blocks, device)
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -139,7 +140,7 @@ def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, device: to
                 pass
     finally:
         handle.remove()
-        _move_outside_blocks(model, blocks, torch.device("cpu"))
+        _move_outside_blocks(model, blocks, home)
     return caught
 
 

@@ -1,0 +1,176 @@
+"""Pruning benchmark on SmolLM2-135M: perplexity, wall time, decision time, peak memory.
+
+Every configuration runs as its own `wandamerge prune` process (so peak memory
+is that run's alone), then `wandamerge ppl` measures the saved model on the
+held-out windows. The floor is measured the same way: a process that loads the
+model, runs one plain forward pass of its decoder over the same calibration
+windows, and saves it. Results go to benchmarks/results/ as JSON and Markdown.
+
+    python benchmarks/prune_smollm2.py                 # everything below
+    python benchmarks/prune_smollm2.py --only wanda-50 --only dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared" / "data" / "smollm2-wiki"
+BIN = Path(sys.executable).parent
+
+# name -> extra `wandamerge prune` arguments (None = the dense model)
+CONFIGS: dict[str, list[str] | None] = {
+    "dense": None,
+    "magnitude-tensor-50": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.5"],
+    "magnitude-tensor-4:8": ["--method", "magnitude", "--pattern", "4:8"],
+    "magnitude-tensor-2:4": ["--method", "magnitude", "--pattern", "2:4"],
+    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "sparsegpt-4:8": ["--method", "sparsegpt", "--pattern", "4:8"],
+    "sparsegpt-2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
+    "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
+    "wanda-4:8": ["--method", "wanda", "--pattern", "4:8"],
+    "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
+    "wanda-50-parallel": ["--method", "wanda", "--sparsity", "0.5", "--within-block", "parallel", "--batch-size", "8"],
+    "wanda-2:4-parallel": ["--method", "wanda", "--pattern", "2:4", "--within-block", "parallel", "--batch-size", "8"],
+}
+
+# Measured on the same windows with the reference implementations (shared/data/smollm2-wiki/README.md).
+REFERENCE = {
+    "dense": 23.60, "wanda-50": 53.02, "wanda-2:4": 182.3, "magnitude-tensor-50": 392.7,
+    "magnitude-tensor-2:4": 1358, "sparsegpt-50": 45.62, "sparsegpt-2:4": 87.61,
+}
+
+FLOOR_SCRIPT = """
+import sys, time, torch
+from wandamerge.models import load_model, save_model
+t0 = time.perf_counter()
+model, tok = load_model(sys.argv[1])
+t1 = time.perf_counter()
+windows = torch.load(sys.argv[2]) if sys.argv[2].endswith('.pt') else None
+with torch.inference_mode():
+    for start in range(0, windows.shape[0], 8):
+        model.base_model(input_ids=windows[start:start + 8], use_cache=False)
+t2 = time.perf_counter()
+save_model(model, tok, sys.argv[3], overwrite=True)
+t3 = time.perf_counter()
+print({'load': t1 - t0, 'forward': t2 - t1, 'save': t3 - t2})
+"""
+
+
+def run(cmd: list[str], log) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    log.write(f"$ {' '.join(cmd)}\n{result.stderr[-3000:]}\n{result.stdout[-3000:]}\n")
+    log.flush()
+    if result.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return wall, result.stdout
+
+
+def ppl(model_dir: str, eval_data: str, log) -> float:
+    _, out = run([str(BIN / "wandamerge"), "-q", "ppl", model_dir, "--data", eval_data, "--seqlen", "512",
+                  "--windows", "64"], log)
+    return json.loads(out.strip().splitlines()[-1])["perplexity"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model dir [default: the embedded SmolLM2 in the cache]")
+    parser.add_argument("--calib", default=None, help="calibration [default: shared 128x512 windows, else wiki]")
+    parser.add_argument("--eval", dest="eval_data", default=None, help="evaluation [default: shared 64x512, else wiki]")
+    parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
+    parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/prune"))
+    parser.add_argument("--tag", default="prune_smollm2")
+    args = parser.parse_args()
+
+    from wandamerge.models import prepare_smollm2
+
+    model = args.model or str(prepare_smollm2())
+    calib = args.calib or (str(SHARED / "calib_128x512.pt") if SHARED.exists() else "wiki")
+    eval_data = args.eval_data or (str(SHARED / "eval_64x512.pt") if SHARED.exists() else "wiki")
+    calib_args = ["--calib", calib, "--nsamples", "128", "--seqlen", "512"]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    log = open(work / f"{args.tag}.log", "a")
+    names = args.only or list(CONFIGS) + ["floor"]
+    rows = []
+
+    for name in names:
+        print(f"== {name}", flush=True)
+        if name == "floor":
+            if not calib.endswith(".pt"):
+                print("   floor needs a .pt calibration file; skipped")
+                continue
+            wall, out = run([str(BIN / "python"), "-c", FLOOR_SCRIPT, model, calib, str(work / "floor-out")], log)
+            rows.append({"name": "floor: load + plain forward + save", "wall_s": wall,
+                         "stages": eval(out.strip().splitlines()[-1])})
+            continue
+        extra = CONFIGS[name]
+        if extra is None:
+            rows.append({"name": name, "ppl": ppl(model, eval_data, log), "reference_ppl": REFERENCE.get(name)})
+            continue
+        out_dir = work / name.replace(":", "-")
+        wall, _ = run([str(BIN / "wandamerge"), "-q", "prune", model, "-o", str(out_dir), "--overwrite",
+                       *calib_args, *extra], log)
+        record = json.loads((out_dir / "wandamerge.json").read_text())
+        rows.append({
+            "name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": REFERENCE.get(name),
+            "wall_s": wall, "prune_s": record["seconds"]["prune"], "decision_s": record["prune_seconds"]["decision"],
+            "forward_s": record["prune_seconds"]["forward"], "stages": record["seconds"],
+            "peak_rss_gb": record["peak_memory"]["rss_bytes"] / 1e9, "sparsity": record["sparsity"]["overall"],
+            "within_block": record["settings"]["within_block"],
+        })
+        print(f"   {rows[-1]['ppl']:.2f} ppl, {wall:.1f} s", flush=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": model, "calib": calib,
+            "eval": eval_data, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                     capture_output=True, text=True).stdout.strip(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    (results_dir / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (results_dir / f"{args.tag}.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"# Pruning SmolLM2-135M ({meta['date']}, commit {meta['commit']})", "",
+             f"- command: `python benchmarks/{meta['command']}`", f"- machine: {meta['machine']}",
+             f"- model: `{meta['model']}`", f"- calibration: `{meta['calib']}` (128 x 512 tokens)",
+             f"- evaluation: `{meta['eval']}` (64 x 512 held-out tokens)", "",
+             "| config | order | perplexity | reference impl. | wall s (end to end) | prune s | decision s | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ppl" not in r:
+            continue
+        lines.append(f"| {r['name']} | {r.get('within_block', '')} | {fmt(r['ppl'], '.2f')} | "
+                     f"{fmt(r.get('reference_ppl'), '.2f')} | {fmt(r.get('wall_s'), '.1f')} | "
+                     f"{fmt(r.get('prune_s'), '.1f')} | {fmt(r.get('decision_s'), '.2f')} | "
+                     f"{fmt(r.get('peak_rss_gb'), '.2f')} |")
+    floor = [r for r in rows if r["name"].startswith("floor")]
+    if floor:
+        f = floor[0]
+        lines += ["", f"Floor (one process: load + plain decoder forward over the 128 windows + save): "
+                      f"{f['wall_s']:.1f} s wall ({', '.join(f'{k} {v:.1f} s' for k, v in f['stages'].items())})."]
+        for r in rows:
+            if r["name"].startswith("wanda") and "wall_s" in r:
+                lines.append(f"- {r['name']}: {r['wall_s'] / f['wall_s']:.2f}x the floor")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
