@@ -94,6 +94,29 @@ def prune_command(model, out, method, sparsity, pattern, group, variant, update,
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("merge")
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), required=True, help="Output directory (a transformers model).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the calibration pass (wanda scores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@friendly_errors
+def merge_command(recipe, out, device, overwrite, max_shard_size):
+    """Merge fine-tunes as RECIPE.yaml says (mergekit recipes run unchanged)."""
+    from pathlib import Path
+
+    from .merging.merge import merge
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)  # validated before any model is loaded
+    record = merge(parsed, out, recipe_text=Path(recipe).read_text(), device=device, overwrite=overwrite,
+                   max_shard_size=max_shard_size)
+    fallbacks = len(record["fallbacks"])
+    click.echo(json.dumps({"out": out, "method": parsed.merge_method, "score": record["score"],
+                           "tensors": len(record["per_tensor"]), "magnitude_fallbacks": fallbacks,
+                           "seconds": record["seconds"]}, indent=2))
+
+
 @main.group("model")
 def model_group():
     """Embedded models."""

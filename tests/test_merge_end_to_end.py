@@ -1,0 +1,248 @@
+"""Merging tiny saved models end to end: exact references, LoRA, Wanda-scored deltas, mergekit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from wandamerge.cli import main
+from wandamerge.merging.merge import merge
+from wandamerge.recipe import RecipeError, parse_recipe
+
+from conftest import VOCAB, tiny_model, word_tokenizer
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def finetune_of(base, seed: int, scale: float = 0.05):
+    """A 'fine-tune': the base plus a random, seeded change of every tensor."""
+    model = tiny_model("llama")
+    model.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def family(tmp_path):
+    base = tiny_model("llama")
+    paths = {"base": save(base, tmp_path / "base")}
+    for i in (1, 2, 3):
+        paths[f"ft{i}"] = save(finetune_of(base, seed=i), tmp_path / f"ft{i}")
+    return paths
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def run_recipe(recipe: dict, out: Path):
+    return merge(parse_recipe(recipe), out, progress=False)
+
+
+def test_one_finetune_at_density_1_and_weight_1_gives_it_back(family, tmp_path):
+    for method in ("task_arithmetic", "ties", "dare_ties", "linear"):
+        out = tmp_path / method
+        run_recipe({"merge_method": method, "base_model": str(family["base"]),
+                    "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 1.0}}]}
+                   if method != "linear" else
+                   {"merge_method": method, "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0}}]},
+                   out)
+        got, want = tensors(out), tensors(family["ft1"])
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=f"{method} {name}")
+
+
+def test_task_arithmetic_by_hand_on_real_files(family, tmp_path):
+    out = tmp_path / "ta"
+    run_recipe({"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                "parameters": {"lambda": 0.5},
+                "models": [{"model": str(family["ft1"]), "parameters": {"weight": 0.7}},
+                           {"model": str(family["ft2"]), "parameters": {"weight": 0.3}}]}, out)
+    base, a, b, got = (tensors(family["base"]), tensors(family["ft1"]), tensors(family["ft2"]), tensors(out))
+    for name in base:
+        want = base[name] + 0.5 * (0.7 * (a[name] - base[name]) + 0.3 * (b[name] - base[name]))
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+
+
+def base_inputs_sq_norms(base_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent reference: hook every linear of the UNMODIFIED base model, whole-model forward."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    norms, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            def hook(mod, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                norms[name + ".weight"] = norms.get(name + ".weight", 0) + (x ** 2).sum(0)
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in handles:
+        h.remove()
+    return norms
+
+
+def test_wanda_ties_keeps_the_deltas_a_brute_force_base_activation_score_keeps(family, tmp_path):
+    windows = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(windows, tmp_path / "calib.pt")
+    out = tmp_path / "wanda-ties"
+    record = run_recipe({
+        "merge_method": "ties", "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.25}}],
+        "sparsify": {"score": "wanda"},
+        "calibration": {"data": str(tmp_path / "calib.pt"), "nsamples": 4, "seqlen": 16}}, out)
+    norms = base_inputs_sq_norms(family["base"], windows)
+    base, ft, got = tensors(family["base"]), tensors(family["ft1"]), tensors(out)
+    assert set(norms) == {n for n, s in record["per_tensor"].items() if s["sparsifier"] == "wanda"}
+    for name, sq in norms.items():
+        delta = (ft[name] - base[name]).double()
+        rows, cols = delta.shape
+        keep = int(cols * 0.25)
+        for i in range(rows):  # brute force, row by row
+            scores = [(abs(float(delta[i, j])) * float(sq[j]) ** 0.5, j) for j in range(cols)]
+            kept = {j for _, j in sorted(scores, reverse=True)[:keep]}
+            changed = {j for j in range(cols) if got[name][i, j] != base[name][i, j]}
+            assert changed == kept, f"{name} row {i}"
+    # norms, embeddings, LM head: magnitude fallback, recorded
+    assert record["fallbacks"]["model.norm.weight"]
+    assert record["per_tensor"]["model.embed_tokens.weight"]["sparsifier"] == "magnitude"
+
+
+def test_lora_delta_equals_merge_and_unload_minus_base(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(family["base"])
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # B starts at zero; give the adapter a real effect
+        g = torch.Generator().manual_seed(7)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged_reference = peft_model.merge_and_unload()
+    out = tmp_path / "lora-merge"
+    run_recipe({"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                "models": [{"model": str(tmp_path / "lora"), "parameters": {"weight": 1.0}}]}, out)
+    got = tensors(out)
+    for name, want in merged_reference.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_mixed_lora_and_full_checkpoint_merge_runs(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(family["base"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "lora")
+    out = tmp_path / "mixed"
+    result = CliRunner().invoke(main, ["-q", "merge", str(_write(tmp_path / "r.yaml", {
+        "merge_method": "ties", "base_model": str(family["base"]),
+        "models": [{"model": str(tmp_path / "lora"), "parameters": {"weight": 0.5, "density": 0.5}},
+                   {"model": str(family["ft2"]), "parameters": {"weight": 0.5, "density": 0.5}}]})), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(torch.randint(3, VOCAB, (1, 8))).logits.isfinite().all()
+    card = (out / "README.md").read_text()
+    assert "merge_method: ties" in card
+    record = json.loads((out / "wandamerge.json").read_text())
+    assert record["inputs"][str(tmp_path / "lora")]["kind"] == "lora"
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"merge_method": "tiez", "base_model": "b", "models": [{"model": "m"}]}, "did you mean 'ties'"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "paramters": {}}]},
+     "did you mean 'parameters'"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"wieght": 1}}]},
+     "did you mean 'weight'"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": "heavy"}}]},
+     "must be a number"),
+    ({"merge_method": "ties", "models": [{"model": "m"}]}, "needs a base_model"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m"}], "sparsify": {"score": "wnda"}},
+     "did you mean 'wanda'"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "m"}], "calibration": {"nsamples": 0}},
+     "calibration.nsamples"),
+])
+def test_recipe_errors_name_the_bad_key_before_loading_anything(recipe, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        parse_recipe(recipe)
+
+
+def test_incompatible_inputs_are_refused_before_heavy_work(family, tmp_path):
+    from transformers import LlamaConfig
+
+    other = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=VOCAB + 8, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2))
+    save(other, tmp_path / "bigger-vocab")
+    recipe = _write(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": str(family["base"]),
+                                          "models": [{"model": str(tmp_path / "bigger-vocab"),
+                                                      "parameters": {"weight": 1, "density": 0.5}}]})
+    result = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "resized vocabulary" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+MERGEKIT_RUN = textwrap.dedent("""
+    import sys
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    import yaml
+    config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+    run_merge(config, sys.argv[2], options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+""")
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"weight": 0.6, "density": 0.3}),
+    ("task_arithmetic", {"weight": 0.6}),
+    ("linear", {"weight": 0.6}),
+    ("breadcrumbs_ties", {"weight": 0.6, "density": 0.5, "gamma": 0.05}),
+])
+def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, params):
+    pytest.importorskip("mergekit")
+    recipe = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(family[f"ft{i}"]), "parameters": {**params, "weight": params["weight"] / i}}
+                         for i in (1, 2, 3)]}
+    if method != "linear":
+        recipe["base_model"] = str(family["base"])
+    else:
+        recipe["parameters"] = {"normalize": True}
+    path = _write(tmp_path / "recipe.yaml", recipe)
+    theirs = tmp_path / "mergekit-out"
+    done = subprocess.run([sys.executable, "-c", MERGEKIT_RUN, str(path), str(theirs)], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = tmp_path / "ours"
+    result = CliRunner().invoke(main, ["-q", "merge", str(path), "-o", str(ours)])
+    assert result.exit_code == 0, result.output
+    a, b = tensors(ours), tensors(theirs)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-6, name

@@ -1,0 +1,234 @@
+"""Typed YAML recipes, validated before any model is loaded.
+
+A merge recipe is a mergekit recipe (``merge_method``, ``base_model``,
+``models: [{model, parameters: {weight, density}}]``, ``parameters``,
+``dtype``, ``tokenizer_source``) plus two optional sections of ours:
+``sparsify: {score, group, pattern}`` and ``calibration: {data, nsamples,
+seqlen, seed}``. Parameter values follow mergekit's forms: a scalar, a
+gradient (a list of numbers interpolated over the layers), or a list of
+``{filter, value}`` conditions matched against the tensor name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Scalar = Union[bool, int, float, str]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with a message naming the bad key or value."""
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+ParameterSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+
+MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
+GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask")
+NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda")
+
+
+def closest(name: str, options) -> str:
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; expected one of: {', '.join(sorted(options))}"
+
+
+def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    if not params:
+        return params
+    known = MODEL_PARAMETERS + GLOBAL_PARAMETERS
+    for key, setting in params.items():
+        if key not in known:
+            raise ValueError(f"unknown parameter {key!r} in {where}{closest(key, known)}")
+        if key in NUMERIC_PARAMETERS:
+            for value in _leaf_values(setting):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"parameter {key!r} in {where} must be a number, got {value!r}")
+                if key == "density" and not 0 < value <= 1:
+                    raise ValueError(f"density in {where} must be in (0, 1], got {value}")
+    return params
+
+
+def _leaf_values(setting) -> list:
+    if isinstance(setting, Condition):
+        return _leaf_values(setting.value)
+    if isinstance(setting, list):
+        return [v for item in setting for v in _leaf_values(item)]
+    return [setting]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def known_parameters(cls, value):
+        return _check_parameters(value, "a model's parameters")
+
+
+class Sparsify(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    score: str | None = None  # default: the one the merge method's paper uses
+    group: Literal["row", "tensor"] | None = None
+    pattern: str = "unstructured"  # or "N:M"
+    activations: Literal["base", "finetuned"] = "base"
+
+    @field_validator("pattern")
+    @classmethod
+    def valid_pattern(cls, value):
+        if value != "unstructured":
+            from .pruning.masks import parse_pattern
+
+            parse_pattern(value)
+        return value
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = "wiki"
+    nsamples: int = Field(128, gt=0)
+    seqlen: int = Field(512, gt=0)
+    seed: int = 0
+    batch_size: int | None = Field(None, gt=0)
+
+
+class MergeRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParameterSetting] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
+    sparsify: Sparsify | None = None
+    calibration: Calibration | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def known_parameters(cls, value):
+        return _check_parameters(value, "the global parameters")
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def known_dtype(cls, value):
+        allowed = ("float32", "float16", "bfloat16")
+        if value is not None and value not in allowed:
+            raise ValueError(f"dtype {value!r} is not supported{closest(value, allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def consistent(self):
+        from .merging.methods import MERGE_METHODS
+        from .merging.sparsify import SPARSIFIERS
+
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge_method {self.merge_method!r}{closest(self.merge_method, MERGE_METHODS)}")
+        if self.merge_method != "linear" and not self.base_model:
+            raise ValueError(f"merge_method {self.merge_method!r} needs a base_model")
+        if self.sparsify and self.sparsify.score and self.sparsify.score not in SPARSIFIERS:
+            raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{closest(self.sparsify.score, SPARSIFIERS)}")
+        if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+        return self
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[")))
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        parent = err["loc"][:-1]
+        options = _fields_at(parent)
+        return f"{source}: unknown key {loc!r}{closest(key, options)}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key {loc!r}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc + ': ' if loc else ''}{message}"
+
+
+def _fields_at(path) -> list[str]:
+    model: Any = MergeRecipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")]
+        inner += [b for a in getattr(annotation, "__args__", ()) for b in getattr(a, "__args__", ())
+                  if hasattr(b, "model_fields")]
+        model = inner[0] if inner else annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping (merge_method, base_model, models, ...)")
+    if "slices" in data or "modules" in data:
+        raise RecipeError(f"{source}: 'slices' and 'modules' recipes are not supported; list whole models under 'models'")
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, source)) from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_recipe(data, str(path))
+
+
+# ----------------------------------------------------------------------------- parameter resolution
+
+
+def evaluate_setting(setting, tensor_name: str, t: float):
+    """mergekit's rules: scalars as is, numeric lists interpolated at ``t``, conditions by name filter."""
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, (bool, int, float, str)) for v in setting):
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+            if not numeric:
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+                return evaluate_setting(cond.value, tensor_name, t)
+    return None
+
+
+def resolve(name: str, scopes, tensor_name: str, t: float, default=None):
+    """The first scope (per-model parameters, then global) that sets ``name`` wins."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return default
