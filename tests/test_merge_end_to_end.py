@@ -224,11 +224,14 @@ MERGEKIT_RUN = textwrap.dedent("""
     ("task_arithmetic", {"weight": 0.6}),
     ("linear", {"weight": 0.6}),
     ("breadcrumbs_ties", {"weight": 0.6, "density": 0.5, "gamma": 0.05}),
+    ("ties", {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.5}], "density": [0.2, 0.7]}),
 ])
 def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, params):
     pytest.importorskip("mergekit")
     recipe = {"merge_method": method, "dtype": "float32",
-              "models": [{"model": str(family[f"ft{i}"]), "parameters": {**params, "weight": params["weight"] / i}}
+              "models": [{"model": str(family[f"ft{i}"]),
+                          "parameters": {**params, "weight": params["weight"] / i
+                                         if isinstance(params["weight"], float) else params["weight"]}}
                          for i in (1, 2, 3)]}
     if method != "linear":
         recipe["base_model"] = str(family["base"])
@@ -246,3 +249,25 @@ def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, para
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= 1e-6, name
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_example_recipes_validate(path):
+    from wandamerge.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    if recipe.sparsify is None:  # plain mergekit recipes must also be valid mergekit configs
+        mergekit_config = pytest.importorskip("mergekit.config")
+        mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
+
+
+def test_gradient_and_filtered_parameters_resolve_as_in_mergekit():
+    from wandamerge.recipe import Condition, evaluate_setting
+
+    assert evaluate_setting([0.2, 0.6], "model.layers.3.mlp.up_proj.weight", t=0.5) == pytest.approx(0.4)
+    conditions = [Condition(filter="mlp", value=0.8), Condition(value=0.5)]
+    assert evaluate_setting(conditions, "model.layers.0.mlp.up_proj.weight", 0.0) == 0.8
+    assert evaluate_setting(conditions, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0.5
