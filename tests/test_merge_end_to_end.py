@@ -271,3 +271,28 @@ def test_gradient_and_filtered_parameters_resolve_as_in_mergekit():
     conditions = [Condition(filter="mlp", value=0.8), Condition(value=0.5)]
     assert evaluate_setting(conditions, "model.layers.0.mlp.up_proj.weight", 0.0) == 0.8
     assert evaluate_setting(conditions, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0.5
+
+
+def test_sharded_output_opens_with_from_pretrained_and_inputs_are_unchanged(family, tmp_path):
+    import hashlib
+
+    def digest(path):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+    before = {k: digest(v) for k, v in family.items()}
+    recipe = _write(tmp_path / "r.yaml", {"merge_method": "dare_ties", "base_model": str(family["base"]),
+                                          "models": [{"model": str(family[f"ft{i}"]),
+                                                      "parameters": {"weight": 0.5, "density": 0.5}}
+                                                     for i in (1, 2)]})
+    out = tmp_path / "sharded"
+    result = CliRunner().invoke(main, ["-q", "merge", str(recipe), "-o", str(out), "--max-shard-size", "20KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert set(merged.state_dict()) >= set(index["weight_map"])
+    assert {k: digest(v) for k, v in family.items()} == before
+    again = tmp_path / "again"  # same recipe, same seed: bit-identical tensors
+    assert CliRunner().invoke(main, ["-q", "merge", str(recipe), "-o", str(again), "--max-shard-size", "20KB"]).exit_code == 0
+    a, b = tensors(out), tensors(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
