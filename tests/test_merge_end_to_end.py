@@ -87,7 +87,7 @@ def test_task_arithmetic_by_hand_on_real_files(family, tmp_path):
 
 
 def base_inputs_sq_norms(base_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Independent reference: hook every linear of the UNMODIFIED base model, whole-model forward."""
+    """Independent reference: hook every linear of the UNMODIFIED model, whole-model forward."""
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     norms, handles = {}, []
     for name, module in model.named_modules():
@@ -103,16 +103,17 @@ def base_inputs_sq_norms(base_dir: Path, windows: torch.Tensor) -> dict[str, tor
     return norms
 
 
-def test_wanda_ties_keeps_the_deltas_a_brute_force_base_activation_score_keeps(family, tmp_path):
+@pytest.mark.parametrize("activations", ["base", "finetuned"])
+def test_wanda_ties_keeps_the_deltas_a_brute_force_activation_score_keeps(family, tmp_path, activations):
     windows = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     torch.save(windows, tmp_path / "calib.pt")
     out = tmp_path / "wanda-ties"
     record = run_recipe({
         "merge_method": "ties", "base_model": str(family["base"]),
         "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.25}}],
-        "sparsify": {"score": "wanda"},
+        "sparsify": {"score": "wanda", "activations": activations},
         "calibration": {"data": str(tmp_path / "calib.pt"), "nsamples": 4, "seqlen": 16}}, out)
-    norms = base_inputs_sq_norms(family["base"], windows)
+    norms = base_inputs_sq_norms(family["base" if activations == "base" else "ft1"], windows)
     base, ft, got = tensors(family["base"]), tensors(family["ft1"]), tensors(out)
     assert set(norms) == {n for n, s in record["per_tensor"].items() if s["sparsifier"] == "wanda"}
     for name, sq in norms.items():
