@@ -35,7 +35,6 @@ class ModelError(ValueError):
 BLOCK_PATHS: dict[str, str] = {
     "llama": "model.layers",
     "mistral": "model.layers",
-    "mixtral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
     "gemma": "model.layers",

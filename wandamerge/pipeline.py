@@ -107,6 +107,10 @@ def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wan
 
     ppl: dict[str, float] = {}
     eval_data = None
+    notes = []
+    if eval_ppl and calibration is not None and Path(eval_ppl).exists() and Path(eval_ppl).resolve() == Path(calib).resolve():
+        notes.append(f"perplexity is measured on the calibration source {calib}: expect an optimistic number")
+        log.warning(notes[-1])
     if eval_ppl:
         with clock.stage("evaluation_data"):
             eval_data = evaluation_windows(eval_ppl, tokenizer, seqlen, max_windows=eval_windows,
@@ -140,6 +144,7 @@ def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wan
         "sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
                      "per_matrix": report.matrix_sparsity},
         "prune_seconds": report.seconds,
+        "notes": notes,
     }
     if out_path is not None:
         with clock.stage("save"):

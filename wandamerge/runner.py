@@ -206,12 +206,25 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
     return timings
 
 
+def _unseen_stats(linear: LinearMap, needs: set[str]) -> InputStats:
+    """Statistics of a map that saw no calibration token (an MoE expert no token was routed to)."""
+    width = linear.in_features
+    device = linear.weight.device
+    log.warning("%s saw no calibration tokens; its statistics are zero", linear.name)
+    return InputStats(0, torch.zeros(width, device=device) if NORMS in needs else None,
+                      torch.zeros(width, width, device=device) if GRAM in needs else None)
+
+
 def _sequential_block(index, block, linears, inputs, visit, needs, timings, device):
     """One forward: each map is visited (and pruned) as its input arrives."""
     last = {"x": None, "stats": None}
+    seen: set[str] = set()
 
     def make_hook(linear: LinearMap):
         def hook(module, args):
+            if linear.name in seen:  # a map called twice in one forward is decided once
+                return
+            seen.add(linear.name)
             x = args[0]
             if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
                 last["x"], last["stats"] = x, input_stats(x, needs)
@@ -231,6 +244,9 @@ def _sequential_block(index, block, linears, inputs, visit, needs, timings, devi
     finally:
         for handle in handles:
             handle.remove()
+    for linear in linears:
+        if linear.name not in seen:
+            visit(index, linear, _unseen_stats(linear, needs))
     return outputs
 
 
@@ -259,7 +275,8 @@ def _parallel_block(index, block, linears, inputs, visit, needs, timings, device
     _sync(device)
     t1 = time.perf_counter()
     for linear in linears:
-        visit(index, linear, totals[linear.name])
+        stats = totals[linear.name]
+        visit(index, linear, stats if stats.tokens else _unseen_stats(linear, needs))
     _sync(device)
     t2 = time.perf_counter()
     outputs = [_run_block(block, batch) for batch in inputs]
