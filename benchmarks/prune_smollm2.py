@@ -43,10 +43,20 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-2:4-parallel": ["--method", "wanda", "--pattern", "2:4", "--within-block", "parallel", "--batch-size", "8"],
 }
 
+# Peers: name -> (method, mask structure) for benchmarks/peers/llmcompressor_prune.py (needs --llmcompressor-python)
+PEER_CONFIGS = {
+    "llmcompressor-wanda-50": ("wanda", "0:0"),
+    "llmcompressor-wanda-2:4": ("wanda", "2:4"),
+    "llmcompressor-sparsegpt-50": ("sparsegpt", "0:0"),
+    "llmcompressor-sparsegpt-2:4": ("sparsegpt", "2:4"),
+}
+
 # Measured on the same windows with the reference implementations (shared/data/smollm2-wiki/README.md).
 REFERENCE = {
     "dense": 23.60, "wanda-50": 53.02, "wanda-2:4": 182.3, "magnitude-tensor-50": 392.7,
     "magnitude-tensor-2:4": 1358, "sparsegpt-50": 45.62, "sparsegpt-2:4": 87.61,
+    "llmcompressor-wanda-50": 53.12, "llmcompressor-wanda-2:4": 180.9, "llmcompressor-sparsegpt-50": 45.41,
+    "llmcompressor-sparsegpt-2:4": 88.41,
 }
 
 FLOOR_SCRIPT = """
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/prune"))
     parser.add_argument("--tag", default="prune_smollm2")
+    parser.add_argument("--llmcompressor-python", help="python of a venv with llmcompressor (for llmcompressor-* configs)")
     args = parser.parse_args()
 
     from wandamerge.models import prepare_smollm2
@@ -116,6 +127,21 @@ def main() -> None:
             wall, out = run([str(BIN / "python"), "-c", FLOOR_SCRIPT, model, calib, str(work / "floor-out")], log)
             rows.append({"name": "floor: load + plain forward + save", "wall_s": wall,
                          "stages": eval(out.strip().splitlines()[-1])})
+            continue
+        if name in PEER_CONFIGS:
+            if not args.llmcompressor_python:
+                raise SystemExit(f"{name} needs --llmcompressor-python")
+            out_dir = work / name.replace(":", "-")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            method, structure = PEER_CONFIGS[name]
+            wall, out = run([args.llmcompressor_python, str(HERE / "peers" / "llmcompressor_prune.py"), model, calib,
+                             str(out_dir), method, structure], log)
+            peer = json.loads(out.strip().splitlines()[-1])
+            rows.append({"name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": REFERENCE.get(name),
+                         "wall_s": wall, "prune_s": peer["oneshot_s"], "stages": peer,
+                         "peak_rss_gb": peer["peak_rss_bytes"] / 1e9, "within_block": "llm-compressor"})
+            print(f"   {rows[-1]['ppl']:.2f} ppl, {wall:.1f} s", flush=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
             continue
         extra = CONFIGS[name]
         if extra is None:

@@ -30,7 +30,7 @@ windows = torch.load(calib_path)
 dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
 modifier_cls = WandaPruningModifier if method == "wanda" else SparseGPTModifier
 sparsity = 0.5
-recipe = modifier_cls(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+recipe = modifier_cls(sparsity=sparsity, mask_structure=structure, targets=[r"re:model.layers.\d+$"])
 oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
         max_seq_length=windows.shape[1], batch_size=1, shuffle_calibration_samples=False,
         pipeline="sequential")
