@@ -297,3 +297,49 @@ def test_sharded_output_opens_with_from_pretrained_and_inputs_are_unchanged(fami
     assert CliRunner().invoke(main, ["-q", "merge", str(recipe), "-o", str(again), "--max-shard-size", "20KB"]).exit_code == 0
     a, b = tensors(out), tensors(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_shard_is_refused_with_a_clear_error(family, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(family["ft1"], broken)
+    shard = broken / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    recipe = _write(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": str(family["base"]),
+                                          "models": [{"model": str(broken), "parameters": {"weight": 1, "density": 0.5}}]})
+    result = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "truncated" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_writer_round_trips_dtypes_across_shards(tmp_path):
+    from wandamerge.merging.sources import ShardWriter
+
+    tensors_in = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.tensor(2.5),
+                  "d": torch.randn(4, 4).half(), "e": torch.tensor([True, False, True])}
+    writer = ShardWriter(tmp_path, [(k, tuple(v.shape), v.dtype) for k, v in tensors_in.items()], max_shard_size=40)
+    for k, v in tensors_in.items():
+        writer.add(k, v)
+    writer.close()
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].keys() == tensors_in.keys()
+    got = tensors(tmp_path)
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in tensors_in.items())
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs_ties", "della"])
+def test_combining_in_row_chunks_changes_nothing(monkeypatch, method):
+    from wandamerge.merging import methods
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 23, generator=g)
+    fts = [base + torch.randn(37, 23, generator=g) * 0.1 for _ in range(3)]
+
+    def run():
+        densities = None if method == "task_arithmetic" else [0.4, 0.5, 0.6]
+        return methods.merge_tensor(method, base, fts, [0.5, 0.3, 0.2], densities,
+                                    generator=torch.Generator().manual_seed(1))
+
+    whole = run()
+    monkeypatch.setattr(methods, "_COMBINE_CHUNK", 50)  # 2 rows at a time
+    assert torch.equal(run(), whole)

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ..recipe import Calibration, MergeRecipe, resolve
 from ..runner import NORMS, blockwise_pass
 from .inputs import check_compatible, input_digests, local_model_dir, open_inputs
 from .methods import get_method, merge_tensor_detailed
-from .sources import Checkpoint, InputError, LoraAdapter, ShardWriter, open_input
+from .sources import TORCH_DTYPES, Checkpoint, InputError, LoraAdapter, ShardWriter, open_input
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,17 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Content hashes for the run record, computed beside the merge (hashlib releases the GIL).
+    hashing = ThreadPoolExecutor(max_workers=1)
+    digests = {spec: hashing.submit(input_digests, inputs[spec].path) for spec in model_specs}
+    digests[None] = hashing.submit(input_digests, base_dir)
     per_tensor: dict[str, dict] = {}
     fallbacks: dict[str, str] = {}
     try:
         t0 = time.perf_counter()
-        writer = ShardWriter(tmp, max_shard_size)
+        plan = [(name, base.shape(name), out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)])
+                for name in base.names()]
+        writer = ShardWriter(tmp, plan, max_shard_size)
         for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
             base_tensor = base.tensor(name)
             if compute_dtype is not None:
@@ -182,9 +189,8 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
             "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
             "score": score, "group": group, "pattern": pattern or "unstructured",
             "calibration": calib_record,
-            "inputs": {spec: {"kind": inputs[spec].kind, "sha256": input_digests(inputs[spec].path)}
-                       for spec in model_specs},
-            "base": {"path": str(base_dir), "sha256": input_digests(base_dir)},
+            "inputs": {spec: {"kind": inputs[spec].kind, "sha256": digests[spec].result()} for spec in model_specs},
+            "base": {"path": str(base_dir), "sha256": digests[None].result()},
             "notes": notes, "fallbacks": fallbacks, "per_tensor": per_tensor,
         }
         from ..pipeline import _peak_memory, versions
@@ -201,6 +207,8 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
     return record
 
 

@@ -311,7 +311,9 @@ def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[t
         used = chosen.name
 
     base_w = base.to(work)
-    deltas = []
+    weight_t = torch.tensor(weights, dtype=work, device=base.device)
+    # One (n, *shape) stack filled in place: each sparsified delta is written, weighted, and dropped.
+    weighted = torch.empty((n, *base.shape), dtype=work, device=base.device)
     for i, tensor in enumerate(finetuned):
         delta = tensor.to(device=base.device, dtype=work) - base_w
         if used is not None:
@@ -319,14 +321,31 @@ def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[t
                             input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i],
                             epsilon=epsilons[i])
             delta, reason = done.delta, done.fallback_reason
-        deltas.append(delta)
-    stacked = torch.stack(deltas)
-    weight_t = torch.tensor(weights, dtype=work, device=base.device)
-    mixed = spec.fn(weight_deltas(stacked, weight_t), weight_t, normalize)
+        torch.mul(delta, weight_t[i], out=weighted[i])
+        del delta
+    mixed = _combine_in_chunks(spec, weighted, weight_t, normalize)
+    del weighted
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return MergeResult((base_w + mixed).to(base.dtype), spec.name, used, requested, reason, normalize,
+        mixed.mul_(lambda_)
+    return MergeResult(mixed.add_(base_w).to(base.dtype), spec.name, used, requested, reason, normalize,
                        rescale, lambda_)
+
+
+_COMBINE_CHUNK = 1 << 20  # entries per model combined at a time
+
+
+def _combine_in_chunks(spec: "MergeMethod", weighted: torch.Tensor, weights: torch.Tensor,
+                       normalize: bool) -> torch.Tensor:
+    """The combine step is entry-wise across models, so large tensors are combined in row chunks
+    to keep its temporaries small; the result is the same as one call on the whole stack."""
+    if weighted.ndim < 3 or weighted[0].numel() <= _COMBINE_CHUNK:
+        return spec.fn(weighted, weights, normalize)
+    rows = weighted.shape[1]
+    step = max(1, _COMBINE_CHUNK // max(1, weighted[0, 0].numel()))
+    out = torch.empty(weighted.shape[1:], dtype=weighted.dtype, device=weighted.device)
+    for start in range(0, rows, step):
+        out[start:start + step] = spec.fn(weighted[:, start:start + step], weights, normalize)
+    return out
 
 
 def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],

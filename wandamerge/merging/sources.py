@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,11 @@ def _shard_files(path: Path) -> dict[str, Path]:
 
 
 class Checkpoint:
-    """A full transformers checkpoint directory, read lazily."""
+    """A full transformers checkpoint directory, read lazily, one tensor at a time.
+
+    Each read opens the shard, copies the one tensor out and closes it again, so
+    the shard's memory map never keeps a whole input resident.
+    """
 
     kind = "checkpoint"
 
@@ -56,35 +59,55 @@ class Checkpoint:
             raise InputError(f"{self.path} is not a transformers model directory (no config.json)")
         self.config = json.loads((self.path / "config.json").read_text())
         self.files = _shard_files(self.path)
-        self._handles: dict[Path, object] = {}
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, "pt")
-            except Exception as exc:
-                raise InputError(f"{file} is not a readable safetensors file: {exc}") from None
-        return self._handles[file]
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(self.files.values())):
+            for name, (shape, dtype) in read_header(file).items():
+                self._meta[name] = (shape, dtype)
+        missing = [n for n in self.files if n not in self._meta]
+        if missing:
+            raise InputError(f"{self.path}: the index names tensors its shards lack, e.g. {missing[:2]}")
 
     def names(self) -> list[str]:
         return list(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> str:
+        return self._meta[name][1]
 
     def has(self, name: str) -> bool:
         return name in self.files
 
     def tensor(self, name: str) -> torch.Tensor:
+        file = self.files[name]
         try:
-            return self._handle(self.files[name]).get_tensor(name)
-        except KeyError:
-            raise
-        except Exception as exc:
-            raise InputError(f"cannot read {name} from {self.files[name]}: {exc}") from None
+            with safe_open(file, "pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputError(f"cannot read {name} from {file}: {exc}") from None
 
-    def close(self) -> None:
-        self._handles.clear()
+
+def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, safetensors dtype) from a shard's header, checked against the file size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length <= 0 or length > size - 8:
+                raise ValueError("header length is out of range")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = info["data_offsets"][1]
+        if 8 + length + end > size:
+            raise InputError(f"{file} is truncated: {name} ends past the end of the file")
+        out[name] = (tuple(info["shape"]), info["dtype"])
+    return out
 
 
 class LoraAdapter:
@@ -185,42 +208,83 @@ def _parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * unit)
 
 
-class ShardWriter:
-    """Writes tensors to safetensors shards as they come, plus the index."""
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
-    def __init__(self, out_dir: Path, max_shard_size: str | int = "2GB"):
+
+class ShardWriter:
+    """Streams tensors into safetensors shards as they are produced.
+
+    The plan (names, shapes, dtypes, in order) is known before the merge, so
+    each shard's header is written first and every tensor's bytes are appended
+    the moment it is ready: memory holds one output tensor, not the output.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_size: str | int = "2GB"):
         self.out_dir = Path(out_dir)
-        self.max_bytes = _parse_size(max_shard_size)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
+        max_bytes = _parse_size(max_shard_size)
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        used = 0
+        for entry in plan:
+            size = _nbytes(entry[1], entry[2])
+            if self.shards[-1] and used + size > max_bytes:
+                self.shards.append([])
+                used = 0
+            self.shards[-1].append(entry)
+            used += size
+        count = len(self.shards)
+        self.files = (["model.safetensors"] if count == 1 else
+                      [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        self.order = [(name, shape, dtype, i) for i, shard in enumerate(self.shards) for name, shape, dtype in shard]
+        self.position = 0
+        self.handle = None
+        self.current = -1
+
+    def _open(self, index: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header, offset = {}, 0
+        for name, shape, dtype in self.shards[index]:
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.handle = open(self.out_dir / self.files[index], "wb")
+        self.handle.write(len(encoded).to_bytes(8, "little"))
+        self.handle.write(encoded)
+        self.current = index
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        file = f"model-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.out_dir / file), metadata={"format": "pt"})
-        self.shards.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        expected, shape, dtype, shard = self.order[self.position]
+        if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"writer expected {expected} {tuple(shape)} {dtype}, got {name} "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self.current:
+            self._open(shard)
+        data = tensor.detach().contiguous().cpu().reshape(-1)
+        if data.numel():
+            self.handle.write(data.view(torch.uint8).numpy())
+        self.position += 1
 
     def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        if count == 1:
-            (self.out_dir / self.shards[0][0]).rename(self.out_dir / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (file, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.out_dir / file).rename(self.out_dir / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if self.position != len(self.order):
+            raise ValueError(f"writer got {self.position} of {len(self.order)} planned tensors")
+        if self.handle is not None:
+            self.handle.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[shard] for name, _, _, shard in self.order}
+            total = sum(_nbytes(shape, dtype) for _, shape, dtype, _ in self.order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
