@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CACHE  ?= $(HOME)/.cache/wandamerge
+CACHE  ?= $(or $(WANDAMERGE_CACHE),$(HOME)/.cache/wandamerge)
 
 .PHONY: install demo test clean
 
