@@ -343,3 +343,20 @@ def test_combining_in_row_chunks_changes_nothing(monkeypatch, method):
     whole = run()
     monkeypatch.setattr(methods, "_COMBINE_CHUNK", 50)  # 2 rows at a time
     assert torch.equal(run(), whole)
+
+
+def test_rslora_and_rank_patterns_match_peft(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(family["base"])
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"],
+                        rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 3}, init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path / "lora")
+    reference = peft_model.merge_and_unload().state_dict()
+    out = tmp_path / "merged"
+    run_recipe({"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                "models": [{"model": str(tmp_path / "lora"), "parameters": {"weight": 1.0}}]}, out)
+    got = tensors(out)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-6, msg=name)
