@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,12 +211,25 @@ def _is_tied_key(model, key: str) -> bool:
 # ----------------------------------------------------------------------------- saving
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
-               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
-    """Write an ordinary transformers directory, atomically.
+def check_output_dir(out: str | Path, inputs: list[str], overwrite: bool) -> Path:
+    """Refuse an existing output (unless overwrite) or one inside an input model."""
+    out_path = Path(out).resolve()
+    for spec in inputs:
+        src = Path(spec)
+        if src.exists():
+            src_dir = (src.parent if src.is_file() else src).resolve()
+            if out_path == src_dir or src_dir in out_path.parents:
+                raise ModelError(f"output {out_path} lies inside the input model {src_dir}; choose another directory")
+    if out_path.exists() and not overwrite:
+        raise ModelError(f"output {out_path} already exists; pass --overwrite to replace it")
+    return out_path
 
-    Everything goes to a temporary sibling directory first and is renamed into
-    place only once complete, so an interrupted run leaves no half model.
+
+@contextmanager
+def staged_output(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling of ``out_dir`` to write into; rename it into place only on success.
+
+    An interrupted run leaves either nothing or the previous output, never half a model.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -226,11 +240,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dic
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -242,7 +252,18 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
+               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+    """Write an ordinary transformers directory, atomically (see :func:`staged_output`)."""
+    with staged_output(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir).resolve()
 
 
 # ----------------------------------------------------------------------------- embedded default

@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .calibration import calibration_windows, evaluation_windows
 from .evaluation.perplexity import perplexity
-from .models import ModelError, load_model, prepare_smollm2, save_model
+from .models import check_output_dir, load_model, prepare_smollm2, save_model
 from .pruning import prune
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,6 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
-
-
-def check_output_dir(out: str | Path, inputs: list[str], overwrite: bool) -> Path:
-    """Refuse an existing output (unless overwrite) or one inside an input model."""
-    out_path = Path(out).resolve()
-    for spec in inputs:
-        src = Path(spec)
-        if src.exists():
-            src_dir = (src.parent if src.is_file() else src).resolve()
-            if out_path == src_dir or src_dir in out_path.parents:
-                raise ModelError(f"output {out_path} lies inside the input model {src_dir}; choose another directory")
-    if out_path.exists() and not overwrite:
-        raise ModelError(f"output {out_path} already exists; pass --overwrite to replace it")
-    return out_path
 
 
 def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wanda", sparsity: float = 0.5,

@@ -17,7 +17,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..calibration import calibration_windows
-from ..models import BLOCK_PATHS, block_prefix, load_model
+from ..models import BLOCK_PATHS, block_prefix, check_output_dir, load_model, staged_output
 from ..recipe import Calibration, MergeRecipe, resolve
 from ..runner import NORMS, blockwise_pass
 from .inputs import check_compatible, input_digests, local_model_dir, open_inputs
@@ -92,10 +91,7 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record."""
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    out = Path(out).resolve()
     method = get_method(recipe.merge_method)
-    if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists; pass --overwrite to replace it")
 
     t0 = time.perf_counter()
     base_spec = recipe.base_model or recipe.models[0].model
@@ -103,20 +99,18 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     base = open_input(base_dir)
     if not isinstance(base, Checkpoint):
         raise InputError(f"base model {base_spec} must be a full checkpoint, not an adapter")
-    for path in [base_dir] + [Path(m.model) for m in recipe.models]:
-        if path.exists() and (out == path.resolve() or path.resolve() in out.parents):
-            raise InputError(f"output {out} lies inside the input {path}; choose another directory")
     model_specs = [m.model for m in recipe.models]
+    out = check_output_dir(out, [str(base_dir)] + model_specs, overwrite)
     inputs = open_inputs(model_specs)
     notes = check_compatible(base, inputs)
-    _check_weights(recipe, base.names(), prefix_of(base), num_layers_of(base))
+    prefix, num_layers = prefix_of(base), num_layers_of(base)
+    _check_weights(recipe, base.names(), prefix, num_layers)
     seconds["open_and_check"] = time.perf_counter() - t0
 
     sparsify_cfg = recipe.sparsify
     score = (sparsify_cfg.score if sparsify_cfg and sparsify_cfg.score else None) or method.score
     group = sparsify_cfg.group if sparsify_cfg else None
     pattern = sparsify_cfg.pattern if sparsify_cfg and sparsify_cfg.pattern != "unstructured" else None
-    prefix, num_layers = prefix_of(base), num_layers_of(base)
 
     norms_per_input: list[dict[str, InputNorms] | None] = [None] * len(model_specs)
     calib_record = None
@@ -145,8 +139,6 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "") or None
     generator = torch.Generator().manual_seed(_seed(recipe))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     # Content hashes for the run record, computed beside the merge (hashlib releases the GIL).
     hashing = ThreadPoolExecutor(max_workers=1)
     digests = {spec: hashing.submit(input_digests, inputs[spec].path) for spec in model_specs}
@@ -154,59 +146,54 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     per_tensor: dict[str, dict] = {}
     fallbacks: dict[str, str] = {}
     try:
-        t0 = time.perf_counter()
-        plan = [(name, base.shape(name), out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)])
-                for name in base.names()]
-        writer = ShardWriter(tmp, plan, max_shard_size)
-        for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
-            base_tensor = base.tensor(name)
-            if compute_dtype is not None:
-                base_tensor = base_tensor.to(compute_dtype)
-            t = layer_position(name, prefix, num_layers)
-            finetuned, weights, densities, gammas, epsilons, norms = [], [], [], [], [], []
-            for i, entry in enumerate(recipe.models):
-                source = inputs[entry.model]
-                scopes = (entry.parameters, recipe.parameters)
-                finetuned.append(_finetuned_tensor(source, name, base_tensor))
-                weights.append(resolve("weight", scopes, name, t, default=None))
-                densities.append(resolve("density", scopes, name, t, default=1.0))
-                gammas.append(resolve("gamma", scopes, name, t))
-                epsilons.append(resolve("epsilon", scopes, name, t))
-                entry_norms = (norms_per_input[i] or {}).get(name)
-                norms.append(entry_norms)
-            result = _merge_one(recipe, method, name, base_tensor, finetuned, weights, densities, gammas,
-                                epsilons, norms, score, group, pattern, generator)
-            merged = result.tensor
-            if result.fallback_reason:
-                fallbacks[name] = result.fallback_reason
-            changed = (merged != base_tensor).float().mean().item() if recipe.merge_method != "linear" else None
-            per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed}
-            writer.add(name, merged.to(out_dtype) if out_dtype else merged)
-        writer.close()
-        seconds["merge_and_write"] = time.perf_counter() - t0
-        _write_config_and_tokenizer(recipe, base_dir, tmp, out_dtype or _dtype_of(base))
-        record = {
-            "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
-            "score": score, "group": group, "pattern": pattern or "unstructured",
-            "calibration": calib_record,
-            "inputs": {spec: {"kind": inputs[spec].kind, "sha256": digests[spec].result()} for spec in model_specs},
-            "base": {"path": str(base_dir), "sha256": digests[None].result()},
-            "notes": notes, "fallbacks": fallbacks, "per_tensor": per_tensor,
-        }
-        from ..pipeline import _peak_memory, versions
+        with staged_output(out, overwrite) as tmp:
+            t0 = time.perf_counter()
+            plan = [(name, base.shape(name), out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)])
+                    for name in base.names()]
+            writer = ShardWriter(tmp, plan, max_shard_size)
+            for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
+                base_tensor = base.tensor(name)
+                if compute_dtype is not None:
+                    base_tensor = base_tensor.to(compute_dtype)
+                t = layer_position(name, prefix, num_layers)
+                finetuned, weights, densities, gammas, epsilons, norms = [], [], [], [], [], []
+                for i, entry in enumerate(recipe.models):
+                    source = inputs[entry.model]
+                    scopes = (entry.parameters, recipe.parameters)
+                    finetuned.append(_finetuned_tensor(source, name, base_tensor))
+                    weights.append(resolve("weight", scopes, name, t, default=None))
+                    densities.append(resolve("density", scopes, name, t, default=1.0))
+                    gammas.append(resolve("gamma", scopes, name, t))
+                    epsilons.append(resolve("epsilon", scopes, name, t))
+                    entry_norms = (norms_per_input[i] or {}).get(name)
+                    norms.append(entry_norms)
+                result = _merge_one(recipe, method, name, base_tensor, finetuned, weights, densities, gammas,
+                                    epsilons, norms, score, group, pattern, generator)
+                merged = result.tensor
+                if result.fallback_reason:
+                    fallbacks[name] = result.fallback_reason
+                changed = (merged != base_tensor).float().mean().item() if recipe.merge_method != "linear" else None
+                per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed}
+                writer.add(name, merged.to(out_dtype) if out_dtype else merged)
+            writer.close()
+            seconds["merge_and_write"] = time.perf_counter() - t0
+            _write_config_and_tokenizer(recipe, base_dir, tmp, out_dtype or _dtype_of(base))
+            record = {
+                "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
+                "score": score, "group": group, "pattern": pattern or "unstructured",
+                "calibration": calib_record,
+                "inputs": {spec: {"kind": inputs[spec].kind, "sha256": digests[spec].result()} for spec in model_specs},
+                "base": {"path": str(base_dir), "sha256": digests[None].result()},
+                "notes": notes, "fallbacks": fallbacks, "per_tensor": per_tensor,
+            }
+            from ..pipeline import _peak_memory, versions
 
-        record["versions"] = versions()
-        record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        record["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
-        record["peak_memory"] = _peak_memory(device)
-        (tmp / "wandamerge.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(merge_card(recipe, recipe_text, record))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            record["versions"] = versions()
+            record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+            record["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+            record["peak_memory"] = _peak_memory(device)
+            (tmp / "wandamerge.json").write_text(json.dumps(record, indent=2))
+            (tmp / "README.md").write_text(merge_card(recipe, recipe_text, record))
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
     return record
