@@ -41,7 +41,24 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
     "wanda-50-parallel": ["--method", "wanda", "--sparsity", "0.5", "--within-block", "parallel", "--batch-size", "8"],
     "wanda-2:4-parallel": ["--method", "wanda", "--pattern", "2:4", "--within-block", "parallel", "--batch-size", "8"],
+    # the paper's analyses: higher sparsity, comparison groups, weight update
+    "magnitude-tensor-60": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.6"],
+    "magnitude-tensor-70": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.7"],
+    "sparsegpt-60": ["--method", "sparsegpt", "--sparsity", "0.6"],
+    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7"],
+    "wanda-60": ["--method", "wanda", "--sparsity", "0.6"],
+    "wanda-70": ["--method", "wanda", "--sparsity", "0.7"],
+    "wanda-tensor-50": ["--method", "wanda", "--group", "tensor", "--sparsity", "0.5"],
+    "magnitude-row-50": ["--method", "magnitude", "--group", "row", "--sparsity", "0.5"],
+    "magnitude-tensor-50-update": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.5", "--update"],
+    "wanda-50-update": ["--method", "wanda", "--sparsity", "0.5", "--update"],
+    "magnitude-tensor-2:4-update": ["--method", "magnitude", "--pattern", "2:4", "--update"],
+    "wanda-2:4-update": ["--method", "wanda", "--pattern", "2:4", "--update"],
 }
+# robustness to calibration size: the first K of the 128 calibration windows
+for _k in (1, 4, 16, 64):
+    CONFIGS[f"wanda-50-calib{_k}"] = ["--method", "wanda", "--sparsity", "0.5", "@calib-first", str(_k)]
+    CONFIGS[f"sparsegpt-50-calib{_k}"] = ["--method", "sparsegpt", "--sparsity", "0.5", "@calib-first", str(_k)]
 
 # Peers: name -> (method, mask structure) for benchmarks/peers/llmcompressor_prune.py (needs --llmcompressor-python)
 PEER_CONFIGS = {
@@ -119,6 +136,8 @@ def main() -> None:
     rows = []
 
     for name in names:
+        if rows:
+            write_results(args, model, calib, eval_data, rows)
         print(f"== {name}", flush=True)
         if name == "floor":
             if not calib.endswith(".pt"):
@@ -148,8 +167,18 @@ def main() -> None:
             rows.append({"name": name, "ppl": ppl(model, eval_data, log), "reference_ppl": REFERENCE.get(name)})
             continue
         out_dir = work / name.replace(":", "-")
+        run_calib_args = calib_args
+        if "@calib-first" in extra:  # the first K calibration windows, written once to the work directory
+            at = extra.index("@calib-first")
+            first = int(extra[at + 1])
+            extra = extra[:at] + extra[at + 2:]
+            import torch
+
+            subset = work / f"calib-first{first}.pt"
+            torch.save(torch.load(calib)[:first].clone(), subset)
+            run_calib_args = ["--calib", str(subset), "--nsamples", str(first), "--seqlen", "512"]
         wall, _ = run([str(BIN / "wandamerge"), "-q", "prune", model, "-o", str(out_dir), "--overwrite",
-                       *calib_args, *extra], log)
+                       *run_calib_args, *extra], log)
         record = json.loads((out_dir / "wandamerge.json").read_text())
         rows.append({
             "name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": REFERENCE.get(name),
@@ -161,14 +190,20 @@ def main() -> None:
         print(f"   {rows[-1]['ppl']:.2f} ppl, {wall:.1f} s", flush=True)
         shutil.rmtree(out_dir, ignore_errors=True)
 
+    print(markdown(write_results(args, model, calib, eval_data, rows), rows))
+
+
+def write_results(args, model: str, calib: str, eval_data: str, rows: list[dict]) -> dict:
+    """Write the JSON and Markdown results (called after every row, so a crash loses nothing)."""
     meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": model, "calib": calib,
             "eval": eval_data, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                      capture_output=True, text=True).stdout.strip(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results_dir = HERE / "results"
     (results_dir / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (results_dir / f"{args.tag}.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    return meta
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
