@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/prune"))
     parser.add_argument("--tag", default="prune_smollm2")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier run of this tag")
     parser.add_argument("--llmcompressor-python", help="python of a venv with llmcompressor (for llmcompressor-* configs)")
     args = parser.parse_args()
 
@@ -134,6 +135,10 @@ def main() -> None:
     log = open(work / f"{args.tag}.log", "a")
     names = args.only or list(CONFIGS) + ["floor"]
     rows = []
+    previous = HERE / "results" / f"{args.tag}.json"
+    if args.resume and previous.is_file():  # keep the rows already measured, run the rest
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["name"] in names]
+        names = [n for n in names if n not in {r["name"] for r in rows}]
 
     for name in names:
         if rows:
