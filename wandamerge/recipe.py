@@ -12,6 +12,7 @@ gradient (a list of numbers interpolated over the layers), or a list of
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -43,17 +44,53 @@ def closest(name: str, options) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; expected one of: {', '.join(sorted(options))}"
 
 
-def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
-    if not params:
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_setting(value) -> bool:
+    """A scalar, a list of scalars, a ``{filter, value}`` condition or a list of conditions (as mergekit)."""
+    def scalar(v):
+        return isinstance(v, (bool, int, float, str))
+
+    def condition(v):
+        return (isinstance(v, dict) and "value" in v and set(v) <= {"filter", "value"}
+                and (scalar(v["value"]) or isinstance(v["value"], list) and all(map(scalar, v["value"])))
+                and (v.get("filter") is None or isinstance(v["filter"], str)))
+
+    if scalar(value) or condition(value):
+        return True
+    return isinstance(value, list) and (all(map(scalar, value)) or all(map(condition, value)))
+
+
+def _check_raw_parameters(params, where: str):
+    """Names and shapes of parameter settings, before pydantic tries each form of the union."""
+    if params is None:
         return params
+    if not isinstance(params, dict):
+        raise ValueError(f"{where} must be a mapping of parameter names to values, got {_short(params)}")
     known = MODEL_PARAMETERS + GLOBAL_PARAMETERS
     for key, setting in params.items():
         if key not in known:
             raise ValueError(f"unknown parameter {key!r} in {where}{closest(key, known)}")
+        if not _is_setting(setting):
+            kind = "a number" if key in NUMERIC_PARAMETERS else "a value"
+            raise ValueError(f"parameter {key!r} in {where} must be {kind}, a list of them (a gradient) or a list "
+                             f"of {{filter, value}} conditions, got {_short(setting)}")
+    return params
+
+
+def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    if not params:
+        return params
+    for key, setting in params.items():
         if key in NUMERIC_PARAMETERS:
             for value in _leaf_values(setting):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"parameter {key!r} in {where} must be a number, got {value!r}")
+                    raise ValueError(f"parameter {key!r} in {where} must be a number, got {_short(value)}")
+                if not math.isfinite(value):
+                    raise ValueError(f"parameter {key!r} in {where} must be a finite number, got {value}")
                 if key == "density" and not 0 < value <= 1:
                     raise ValueError(f"density in {where} must be in (0, 1], got {value}")
     return params
@@ -71,6 +108,11 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParameterSetting] | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def parameter_shapes(cls, value):
+        return _check_raw_parameters(value, "a model's parameters")
 
     @field_validator("parameters")
     @classmethod
@@ -116,6 +158,11 @@ class MergeRecipe(BaseModel):
     sparsify: Sparsify | None = None
     calibration: Calibration | None = None
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def parameter_shapes(cls, value):
+        return _check_raw_parameters(value, "the global parameters")
+
     @field_validator("parameters")
     @classmethod
     def known_parameters(cls, value):
@@ -146,7 +193,9 @@ class MergeRecipe(BaseModel):
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key (a misspelt one) explains the "missing" error that comes with it: name it first.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[")))
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1])
@@ -156,7 +205,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     if err["type"] == "missing":
         return f"{source}: missing required key {loc!r}"
     message = err["msg"].removeprefix("Value error, ")
-    return f"{source}: {loc + ': ' if loc else ''}{message}"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        message = "expected a mapping (key: value, ...)"
+    if err["type"] not in ("value_error", "assertion_error"):  # pydantic's own words: show what was given
+        message += f", got {_short(err.get('input'))}"
+    return " ".join(f"{source}: {loc + ': ' if loc else ''}{message}".split())
 
 
 def _fields_at(path) -> list[str]:
@@ -186,15 +239,27 @@ def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
         raise RecipeError(_format_validation_error(exc, source)) from None
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
+def read_recipe_file(path: str | Path) -> tuple[Any, str]:
+    """The parsed YAML and the text of a recipe file; anything unreadable is a one-line :class:`RecipeError`."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory, not a file; give the recipe's .yaml file")
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(text), text
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {exc.start}); save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_recipe(data, str(path))
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path} is not valid YAML{where}: {' '.join(str(problem).split())}") from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    return parse_recipe(read_recipe_file(path)[0], str(path))
 
 
 # ----------------------------------------------------------------------------- parameter resolution
