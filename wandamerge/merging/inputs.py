@@ -53,18 +53,23 @@ def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapte
     base_shapes = {name: base.shape(name) for name in base.names()}
     for spec, source in inputs.items():
         if isinstance(source, LoraAdapter):
+            named = source.base_model_name
+            made_for = "it was made for another base model" + (f" ({named})" if named else "")
             for name in source.names():
                 if name not in base_shapes:
                     raise InputError(f"LoRA adapter {spec} adapts {name!r}, which the base model does not have; "
-                                     f"it was made for another base model")
-            named = source.base_model_name
+                                     f"{made_for}: merge it onto that base")
+                shape = source.delta_shape(name)
+                if shape != base_shapes[name]:
+                    raise InputError(f"LoRA adapter {spec} changes {name} by a {shape} delta but the base tensor "
+                                     f"is {base_shapes[name]}; {made_for}: merge it onto that base")
             if named and Path(str(named)).name != base.path.name and named != str(base.path):
                 notes.append(f"{spec}: adapter names base {named!r}, merging onto {base.path}")
             continue
         for key in SHAPE_KEYS:
             if key in base.config and source.config.get(key) != base.config.get(key):
                 raise InputError(f"{spec} does not fit the base: {key} is {source.config.get(key)!r}, "
-                                 f"base has {base.config.get(key)!r}")
+                                 f"base has {base.config.get(key)!r}; merge fine-tunes of the same base model")
         missing = [n for n in base_shapes if not source.has(n)]
         tied = [n for n in missing if n.endswith("lm_head.weight")]
         if [n for n in missing if n not in tied]:
@@ -80,7 +85,8 @@ def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapte
                         f"{spec} has a resized vocabulary ({other[0]} rows in {name}, base has {shape[0]}); "
                         f"merging models with different vocabularies is not supported: resize the fine-tune's "
                         f"embeddings back to the base vocabulary or merge a fine-tune of the same vocabulary")
-                raise InputError(f"{spec} does not fit the base: {name} has shape {other}, base has {shape}")
+                raise InputError(f"{spec} does not fit the base: {name} has shape {other}, base has {shape}; "
+                                 f"merge fine-tunes of the same base model")
         extra = [n for n in source.names() if n not in base_shapes]
         if extra:
             notes.append(f"{spec}: {len(extra)} tensors not in the base are ignored (e.g. {extra[0]})")

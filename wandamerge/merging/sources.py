@@ -25,23 +25,31 @@ class InputError(ValueError):
     """A merge input that cannot be used, with a message saying why."""
 
 
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; a damaged file is an :class:`InputError` naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); the model is damaged: "
+                         f"download or save it again") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{file} holds a JSON {type(data).__name__}, not an object; the model is damaged: "
+                         f"download or save it again")
+    return data
+
+
 def _shard_files(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a checkpoint directory."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no weight_map; the model is damaged: download or save it again")
         return {name: path / file for name, file in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise InputError(f"{path} holds no safetensors weights (convert .bin checkpoints with save_pretrained)")
-    mapping = {}
-    for file in files:
-        try:
-            with safe_open(file, "pt") as handle:
-                mapping.update({name: file for name in handle.keys()})
-        except Exception as exc:  # safetensors raises its own error types
-            raise InputError(f"{file} is not a readable safetensors file: {exc}") from None
-    return mapping
+    return {name: file for file in files for name in read_header(file)}
 
 
 class Checkpoint:
@@ -57,7 +65,7 @@ class Checkpoint:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise InputError(f"{self.path} is not a transformers model directory (no config.json)")
-        self.config = json.loads((self.path / "config.json").read_text())
+        self.config = read_json(self.path / "config.json")
         self.files = _shard_files(self.path)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in sorted(set(self.files.values())):
@@ -90,6 +98,7 @@ class Checkpoint:
 
 def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, safetensors dtype) from a shard's header, checked against the file size."""
+    again = "download or save the model again"
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
@@ -97,16 +106,19 @@ def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             if length <= 0 or length > size - 8:
                 raise ValueError("header length is out of range")
             header = json.loads(handle.read(length))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        end = info["data_offsets"][1]
-        if 8 + length + end > size:
-            raise InputError(f"{file} is truncated: {name} ends past the end of the file")
-        out[name] = (tuple(info["shape"]), info["dtype"])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        out, end = {}, 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            out[name] = (tuple(int(d) for d in info["shape"]), str(info["dtype"]))
+            end = max(end, int(info["data_offsets"][1]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InputError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
+                         f"{again}") from None
+    if 8 + length + end > size:
+        raise InputError(f"{file} is truncated ({size} bytes, its header describes {8 + length + end}): {again}")
     return out
 
 
@@ -120,12 +132,13 @@ class LoraAdapter:
         config_file = self.path / "adapter_config.json"
         if not config_file.is_file():
             raise InputError(f"{self.path} is not a PEFT adapter (no adapter_config.json)")
-        self.config = json.loads(config_file.read_text())
+        self.config = read_json(config_file)
         if self.config.get("peft_type", "LORA") != "LORA":
             raise InputError(f"{self.path}: only LoRA adapters can be merged, not {self.config.get('peft_type')}")
         weights = self.path / "adapter_model.safetensors"
         if not weights.is_file():
             raise InputError(f"{self.path} has no adapter_model.safetensors")
+        read_header(weights)  # a damaged file is named, not a safetensors traceback
         with safe_open(weights, "pt") as handle:
             self._tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         self.rank = int(self.config.get("r", 8))
@@ -184,6 +197,14 @@ class LoraAdapter:
 
     def names(self) -> list[str]:
         return list(self.pairs) + list(self.full)
+
+    def delta_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the base tensor this adapter was made for, from its weights alone."""
+        if name in self.full:
+            return tuple(self._tensors[self.full[name]].shape)
+        a_key, b_key = self.pairs[name]
+        shape = (self._tensors[b_key].shape[0], self._tensors[a_key].shape[-1])
+        return shape[::-1] if self.fan_in_fan_out else shape
 
 
 def open_input(path: str | os.PathLike):
