@@ -138,20 +138,27 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32"):
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32", *,
+               device_map: str | dict | None = None, offload_folder: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from a local directory, a ``.gguf`` file or a hub id.
 
     A GGUF file is dequantized and rebuilt as a plain transformers model (its
     config loses ``quantization_config``) so it can be saved like any other.
+    ``device_map`` and ``offload_folder`` go to ``from_pretrained`` (accelerate
+    places the blocks over devices, the CPU and disk; see ``wandamerge.offload``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _dtype(dtype) or torch.float32
     spec = str(spec)
     path = Path(spec)
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {spec} does not exist")
+        if placement:
+            raise ModelError("a device map needs a transformers directory; convert the GGUF first "
+                             "(wandamerge merge/prune write one, or save_pretrained)")
         return _load_gguf(path, torch_dtype)
     if path.exists():
         if not path.is_dir():
@@ -163,18 +170,44 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
         raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")
     log.info("loading %s", spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, **placement)
     except OSError as exc:
         where = "" if path.exists() else " (not a local path, and the hub could not provide it)"
         raise ModelError(f"could not load model {spec}{where}: {str(exc).splitlines()[0]}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("no tokenizer loaded from %s: %s", spec, str(exc).splitlines()[0])
-        tokenizer = None
+    tokenizer = load_tokenizer(spec)
     decoder_blocks(model)  # fail early on unsupported architectures
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """The tokenizer saved with a model, or None (with a warning) when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec))
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer loaded from %s: %s", spec, str(exc).splitlines()[0])
+        return None
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """``--device-map``: a name accelerate knows (auto, balanced, balanced_low_0, sequential), one device
+    (cpu, cuda:0), a JSON object ``{"module": device}`` or a ``.json`` file holding one."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.endswith(".json") and Path(text).is_file():
+        text = Path(text).read_text()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as exc:
+            raise ModelError(f"--device-map is not valid JSON: {exc}") from None
+        if not isinstance(mapping, dict):
+            raise ModelError("--device-map JSON must be an object of module name -> device")
+        return mapping
+    return text
 
 
 def _check_model_dir(path: Path) -> None:

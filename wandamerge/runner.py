@@ -6,6 +6,12 @@ the statistics of its inputs to a visitor (which decides masks and writes
 weights), and keep the block's outputs as the next block's inputs. Only the
 block being processed needs to sit on the compute device.
 
+Where the blocks live is a loader's business (:class:`ResidentBlocks` by
+default: the whole model in memory, one block moved to the compute device for
+its turn). A loader can also read each block from disk just before its turn
+and write it out after (``wandamerge.streaming``), or leave blocks where
+accelerate placed them (``wandamerge.offload``).
+
 Two orders inside a block:
 
 * ``"sequential"`` (default, one forward per block): each linear map is
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -106,18 +113,58 @@ def _sync(device: torch.device) -> None:
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside a decoder block."""
+    """Move every parameter and buffer that is not inside a decoder block (not loaded ones stay on meta)."""
     inside = {id(m) for m in blocks.modules()}
     for module in model.modules():
         if id(module) in inside:
             continue
         for name, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(device)
+            if param.device.type != "meta":
+                param.data = param.data.to(device)
         for name, buf in module.named_buffers(recurse=False):
-            module._buffers[name] = buf.to(device)
+            if buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
 
 
-def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+class ResidentBlocks:
+    """Block loader for a model held whole in memory: each block visits the compute device for its turn.
+
+    A loader answers three questions of the pass: where the layers before the
+    first block run while its inputs are caught (:meth:`outside`), and what
+    happens to a block just before (:meth:`load`) and just after (:meth:`unload`)
+    its turn.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self._home: torch.device | None = None
+
+    @contextmanager
+    def outside(self, model: nn.Module, blocks: nn.ModuleList):
+        """The layers before the first block, on the compute device; yields where input ids go."""
+        home = next(model.parameters()).device
+        _move_outside_blocks(model, blocks, self.device)
+        try:
+            yield self.device
+        finally:
+            _move_outside_blocks(model, blocks, home)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self._home = next(block.parameters()).device
+        block.to(self.device)
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        block.to(self._home)
+
+
+def default_loader(model: nn.Module, device: str | torch.device) -> ResidentBlocks:
+    """Blocks stay where accelerate placed them (a ``device_map``), else visit ``device`` one at a time."""
+    from .offload import DispatchedBlocks, is_dispatched
+
+    return DispatchedBlocks(model) if is_dispatched(model) else ResidentBlocks(device)
+
+
+def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, loader: ResidentBlocks,
                              batch_size: int) -> list[BlockInputs]:
     """Run the model up to its first decoder block, once per batch of windows."""
     blocks = decoder_blocks(model)
@@ -128,19 +175,17 @@ def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, device: to
         caught.append(BlockInputs(hidden, tuple(args[1:]), dict(kwargs)))
         raise _Caught
 
-    home = next(model.parameters()).device
-    _move_outside_blocks(model, blocks, device)
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start:start + batch_size].to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        handle.remove()
-        _move_outside_blocks(model, blocks, home)
+    with loader.outside(model, blocks) as device:
+        handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start:start + batch_size].to(device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _Caught:
+                    pass
+        finally:
+            handle.remove()
     return caught
 
 
@@ -152,13 +197,17 @@ def _run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
 def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visitor, *,
                    needs: Iterable[str] = (NORMS,), device: str | torch.device = "cpu",
                    batch_size: int | None = None, within_block: str = "sequential",
-                   progress: bool = True, desc: str = "blocks") -> PassTimings:
+                   progress: bool = True, desc: str = "blocks",
+                   loader: ResidentBlocks | None = None) -> PassTimings:
     """Visit every linear map of every decoder block, in order, with its input statistics.
 
     ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``); with
     no needs (magnitude pruning, data-free merging) no calibration is run.
+    ``loader`` brings each block in before its turn and takes it away after
+    (default: :func:`default_loader`).
     """
-    device = torch.device(device)
+    loader = loader or default_loader(model, device)
+    device = loader.device
     needs = set(needs)
     timings = PassTimings()
     blocks = decoder_blocks(model)
@@ -168,8 +217,10 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
     if not needs:
         for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
             t0 = time.perf_counter()
+            loader.load(index, block)
             for linear in block_linears(block):
                 visit(index, linear, None)
+            loader.unload(index, block)
             timings.visit_s += time.perf_counter() - t0
             timings.per_block_s.append(time.perf_counter() - t0)
         return timings
@@ -185,20 +236,19 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
 
     with torch.inference_mode():
         t0 = time.perf_counter()
-        inputs = catch_first_block_inputs(model, windows, device, batch_size)
+        inputs = catch_first_block_inputs(model, windows, loader, batch_size)
         _sync(device)
         timings.catch_s = time.perf_counter() - t0
 
         for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
             t_block = time.perf_counter()
-            home = next(block.parameters()).device
-            block.to(device)
+            loader.load(index, block)
             linears = block_linears(block)
             if within_block == "sequential":
                 outputs = _sequential_block(index, block, linears, inputs, visit, needs, timings, device)
             else:
                 outputs = _parallel_block(index, block, linears, inputs, visit, needs, timings, device)
-            block.to(home)
+            loader.unload(index, block)
             for batch, out in zip(inputs, outputs):
                 batch.hidden = out
             _sync(device)

@@ -16,9 +16,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     """``exp(sum of next-token NLL / number of predicted tokens)`` over ``windows`` (n, seqlen)."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("evaluation windows must be shaped (nwindows, seqlen) with seqlen >= 2")
+    from ..offload import is_dispatched
+
+    placed = is_dispatched(model)  # accelerate placed it (a device_map): its hooks move inputs, nothing moves
     home = next(model.parameters()).device
-    device = torch.device(device) if device else home
-    model.to(device)
+    device = torch.device("cpu") if placed else torch.device(device) if device else home
+    if not placed:
+        model.to(device)
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode():
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
@@ -28,5 +32,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
                                   batch[:, 1:].reshape(-1), reduction="sum")
             total_nll += nll.item()
             total_tokens += batch[:, 1:].numel()
-    model.to(home)
+    if not placed:
+        model.to(home)
     return math.exp(total_nll / total_tokens)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models import LinearMap, block_prefix, decoder_blocks
-from ..runner import InputStats, blockwise_pass
+from ..runner import InputStats, ResidentBlocks, blockwise_pass
 from .masks import cumulative_alpha_mask, nm_mask, parse_pattern, row_mask, tensor_mask
 from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, register_prune_method
 from .scores import magnitude_score, wanda_score
@@ -45,12 +45,15 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
           sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
           update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
           within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
-          progress: bool = True) -> PruneReport:
+          progress: bool = True, loader: ResidentBlocks | None = None) -> PruneReport:
     """Prune every linear map in the decoder blocks of ``model`` in place.
 
     ``calibration`` is an integer tensor of token windows ``(nsamples, seqlen)``;
     methods that need no activations (magnitude without ``update``) ignore it.
-    Embeddings and the LM head are never pruned.
+    Embeddings and the LM head are never pruned. ``loader`` says where blocks
+    come from and go to (see :func:`wandamerge.runner.blockwise_pass`; a
+    :class:`wandamerge.streaming.StreamedModel` gives one that reads and writes
+    one block at a time).
     """
     prune_method = get_prune_method(method)
     target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
@@ -73,7 +76,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     t0 = time.perf_counter()
     timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
                              batch_size=batch_size, within_block=within_block, progress=progress,
-                             desc=f"{method} pruning")
+                             desc=f"{method} pruning", loader=loader)
     total = time.perf_counter() - t0
 
     report = PruneReport(
