@@ -74,11 +74,18 @@ def main(debug: bool, quiet: bool) -> None:
 @click.option("--eval-windows", type=int, default=64, show_default=True, help="Evaluation windows (0 = all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--low-memory/--no-low-memory", default=None,
+              help="Read, prune and write one decoder block at a time from the safetensors shards "
+                   "[default: on when the model would take more than half the available RAM].")
+@click.option("--device-map", help="Let accelerate place the model: auto, balanced, sequential, a device, "
+                                   "or a JSON object / .json file of module -> device (cpu, disk, N).")
+@click.option("--offload-folder", type=click.Path(), help="Where accelerate keeps weights a device map puts on disk.")
 @friendly_errors
 def prune_command(model, out, method, sparsity, pattern, group, variant, update, calib, nsamples, seqlen,
                   seed, device, dtype, batch_size, within_block, eval_ppl, eval_windows, overwrite,
-                  max_shard_size):
+                  max_shard_size, low_memory, device_map, offload_folder):
     """Prune MODEL (a directory, a .gguf file, a hub id, or 'smollm2')."""
+    from .models import parse_device_map
     from .pipeline import prune_to_directory
 
     if not out and not eval_ppl:
@@ -87,7 +94,8 @@ def prune_command(model, out, method, sparsity, pattern, group, variant, update,
         model, out, method=method, sparsity=sparsity, pattern=pattern, group=group, variant=variant,
         update=update, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
         batch_size=batch_size, within_block=within_block, eval_ppl=eval_ppl,
-        eval_windows=eval_windows or None, overwrite=overwrite, max_shard_size=max_shard_size)
+        eval_windows=eval_windows or None, overwrite=overwrite, max_shard_size=max_shard_size,
+        low_memory=low_memory, device_map=parse_device_map(device_map), offload_folder=offload_folder)
     summary = {"overall_sparsity": round(record["sparsity"]["overall"], 4),
                "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
                "seconds": record["seconds"], "out": out}
@@ -100,8 +108,11 @@ def prune_command(model, out, method, sparsity, pattern, group, variant, update,
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration pass (wanda scores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--low-memory/--no-low-memory", default=None,
+              help="Wanda scores: run the base model's calibration pass one block at a time from its shards "
+                   "[default: on when it would take more than half the available RAM].")
 @friendly_errors
-def merge_command(recipe, out, device, overwrite, max_shard_size):
+def merge_command(recipe, out, device, overwrite, max_shard_size, low_memory):
     """Merge fine-tunes as RECIPE.yaml says (mergekit recipes run unchanged)."""
     from pathlib import Path
 
@@ -110,7 +121,7 @@ def merge_command(recipe, out, device, overwrite, max_shard_size):
 
     parsed = load_recipe(recipe)  # validated before any model is loaded
     record = merge(parsed, out, recipe_text=Path(recipe).read_text(), device=device, overwrite=overwrite,
-                   max_shard_size=max_shard_size)
+                   max_shard_size=max_shard_size, low_memory=low_memory)
     fallbacks = len(record["fallbacks"])
     click.echo(json.dumps({"out": out, "method": parsed.merge_method, "score": record["score"],
                            "tensors": len(record["per_tensor"]), "magnitude_fallbacks": fallbacks,

@@ -27,9 +27,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..calibration import calibration_windows
-from ..models import BLOCK_PATHS, block_prefix, check_output_dir, load_model, staged_output
+from ..models import BLOCK_PATHS, block_prefix, check_output_dir, load_model, load_tokenizer, staged_output
 from ..recipe import Calibration, MergeRecipe, resolve
 from ..runner import NORMS, blockwise_pass
+from ..streaming import StreamedModel, should_stream
 from .inputs import check_compatible, input_digests, local_model_dir, open_inputs
 from .methods import get_method, merge_tensor_detailed
 from .sources import TORCH_DTYPES, Checkpoint, InputError, LoraAdapter, ShardWriter, open_input
@@ -48,10 +49,12 @@ class InputNorms:
 
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
-                        progress: bool = True) -> dict[str, InputNorms]:
+                        progress: bool = True, loader=None) -> dict[str, InputNorms]:
     """``sum x_j^2`` of the inputs of every decoder linear map, keyed by its weight's tensor name.
 
     The visitor changes nothing, so every map sees the unmodified model's activations.
+    ``loader``: where the blocks come from (a :class:`~wandamerge.streaming.StreamedModel`'s
+    reads them from disk one at a time).
     """
     prefix = block_prefix(model)
     norms: dict[str, InputNorms] = {}
@@ -61,7 +64,7 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
 
     blockwise_pass(model, windows, visit, needs={NORMS}, device=device, batch_size=batch_size,
                    within_block="sequential" if batch_size is None else "parallel", progress=progress,
-                   desc="activations")
+                   desc="activations", loader=loader)
     return norms
 
 
@@ -87,8 +90,14 @@ def layer_position(name: str, prefix: str, num_layers: int) -> float:
 
 
 def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
-          overwrite: bool = False, progress: bool = True, max_shard_size: str = "2GB") -> dict:
-    """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record."""
+          overwrite: bool = False, progress: bool = True, max_shard_size: str = "2GB",
+          low_memory: bool | None = None) -> dict:
+    """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
+
+    The merge itself streams one tensor per input. ``low_memory`` concerns the
+    calibration pass of Wanda scores: read the base one block at a time from its
+    shards (``None``: when the base would take more than half the available RAM).
+    """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     method = get_method(recipe.merge_method)
@@ -117,21 +126,32 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     if score == "wanda":
         t0 = time.perf_counter()
         calib = recipe.calibration or Calibration()
-        model, tokenizer = load_model(str(base_dir), dtype="float32")
+        streamed = None
+        if low_memory or (low_memory is None and should_stream(base_dir, "float32")):
+            streamed = StreamedModel(base_dir, dtype="float32")
+            model, tokenizer = streamed.model, load_tokenizer(base_dir)
+        else:
+            model, tokenizer = load_model(str(base_dir), dtype="float32")
         windows = calibration_windows(calib.data, tokenizer, calib.nsamples, calib.seqlen, seed=calib.seed,
                                       vocab_size=model.config.vocab_size)
-        calib_record = {**calib.model_dump(), "windows": list(windows.shape)}
+        calib_record = {**calib.model_dump(), "windows": list(windows.shape), "low_memory": streamed is not None}
         if sparsify_cfg is None or sparsify_cfg.activations == "base":
             base_norms = collect_input_norms(model, windows, device=device, batch_size=calib.batch_size,
-                                             progress=progress)
+                                             progress=progress, loader=streamed.loader(device) if streamed else None)
             norms_per_input = [base_norms] * len(model_specs)
         else:
-            pristine = {k: v.clone() for k, v in model.state_dict().items()}
+            pristine = None if streamed else {k: v.clone() for k, v in model.state_dict().items()}
             for i, spec in enumerate(model_specs):
-                _apply_deltas(model, inputs[spec])
-                norms_per_input[i] = collect_input_norms(model, windows, device=device,
-                                                         batch_size=calib.batch_size, progress=progress)
-                model.load_state_dict(pristine)
+                loader = None
+                if streamed is not None:  # the fine-tune's tensors are read in place of the base's, block by block
+                    finetune = inputs[spec]
+                    loader = streamed.loader(device, tensor_fn=lambda name, t: _finetuned_tensor(finetune, name, t))
+                else:
+                    _apply_deltas(model, inputs[spec])
+                norms_per_input[i] = collect_input_norms(model, windows, device=device, batch_size=calib.batch_size,
+                                                         progress=progress, loader=loader)
+                if pristine is not None:
+                    model.load_state_dict(pristine)
         del model
         seconds["activations"] = time.perf_counter() - t0
 
