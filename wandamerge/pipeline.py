@@ -17,8 +17,9 @@ import torch
 from . import __version__
 from .calibration import calibration_windows, evaluation_windows
 from .evaluation.perplexity import perplexity
-from .models import check_output_dir, load_model, load_tokenizer, prepare_smollm2, save_model, staged_output
-from .pruning import prune
+from .models import (check_output_dir, load_model, load_tokenizer, prepare_smollm2, save_model, staged_output,
+                     write_text_atomic)
+from .pruning import PruneTarget, prune
 from .streaming import StreamedModel, should_stream
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wan
         raise ValueError(f"nsamples must be positive, got {nsamples}")
     if seqlen is not None and seqlen <= 0:
         raise ValueError(f"seqlen must be positive, got {seqlen}")
+    if batch_size is not None and batch_size <= 0:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant, update=update)  # before loading
 
     low_memory = _low_memory(low_memory, source, dtype, out_path, eval_ppl, device_map)
     streamed = None
@@ -165,7 +169,7 @@ def prune_to_directory(model: str, out: str | Path | None, *, method: str = "wan
     record["seconds"] = dict(clock.seconds)
     record["peak_memory"] = _peak_memory(device)
     if out_path is not None:  # final numbers, including the save itself
-        (out_path / "wandamerge.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(out_path / "wandamerge.json", json.dumps(record, indent=2))
     return record
 
 

@@ -265,6 +265,15 @@ def _unseen_stats(linear: LinearMap, needs: set[str]) -> InputStats:
                       torch.zeros(width, width, device=device) if GRAM in needs else None)
 
 
+def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
+    """Refuse activations holding NaN or Inf (or whose squares overflow): no score can be made from them."""
+    for value in (stats.sq_norms, stats.gram):
+        if value is not None and not torch.isfinite(value).all():
+            raise ValueError(f"the activations entering block {index} {linear.name} are not finite (NaN or Inf) on "
+                             f"the calibration windows: the model overflows there; check the weights of blocks up "
+                             f"to {index}, or compute in float32 (--dtype float32)")
+
+
 def _sequential_block(index, block, linears, inputs, visit, needs, timings, device):
     """One forward: each map is visited (and pruned) as its input arrives."""
     last = {"x": None, "stats": None}
@@ -278,6 +287,7 @@ def _sequential_block(index, block, linears, inputs, visit, needs, timings, devi
             x = args[0]
             if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
                 last["x"], last["stats"] = x, input_stats(x, needs)
+            check_finite(index, linear, last["stats"])
             _sync(device)
             t0 = time.perf_counter()
             visit(index, linear, last["stats"])
@@ -326,6 +336,7 @@ def _parallel_block(index, block, linears, inputs, visit, needs, timings, device
     t1 = time.perf_counter()
     for linear in linears:
         stats = totals[linear.name]
+        check_finite(index, linear, stats)
         visit(index, linear, stats if stats.tokens else _unseen_stats(linear, needs))
     _sync(device)
     t2 = time.perf_counter()

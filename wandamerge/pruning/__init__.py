@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..models import LinearMap, block_prefix, decoder_blocks
+from ..models import LinearMap, ModelError, block_prefix, decoder_blocks
 from ..runner import InputStats, ResidentBlocks, blockwise_pass
 from .masks import cumulative_alpha_mask, nm_mask, parse_pattern, row_mask, tensor_mask
 from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, register_prune_method
@@ -65,6 +65,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     prefix = block_prefix(model)
     if target.nm:
         _check_widths(blocks, target.nm[1])
+    _check_finite_weights(model)
 
     zeros: dict[str, tuple[int, int]] = {}
 
@@ -92,6 +93,17 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     report.overall_sparsity = sum(z for z, _ in zeros.values()) / max(1, sum(n for _, n in zeros.values()))
     log.info("%s: %.4f of the decoder linear weights are zero", method, report.overall_sparsity)
     return report
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    """Refuse NaN or Inf weights before anything is pruned (blocks not loaded yet, on meta, are skipped)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type == "meta" or not param.is_floating_point():
+                continue
+            if not all(torch.isfinite(chunk).all() for chunk in param.detach().reshape(-1).split(1 << 24)):
+                raise ModelError(f"{name} holds NaN or Inf values: the checkpoint is damaged; download or convert "
+                                 f"it again (pruning it would spread them)")
 
 
 def _check_widths(blocks: nn.ModuleList, m: int) -> None:
