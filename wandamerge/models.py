@@ -157,7 +157,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     if spec.endswith(".gguf"):
         if not path.is_file():
-            raise ModelError(f"GGUF file {spec} does not exist")
+            raise ModelError(f"GGUF file {spec} does not exist; check the path")
         if placement:
             raise ModelError("a device map needs a transformers directory; convert the GGUF first "
                              "(wandamerge merge/prune write one, or save_pretrained)")
@@ -166,7 +166,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
         if not path.is_dir():
             raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
         if not (path / "config.json").is_file():
-            raise ModelError(f"{spec} is not a transformers model directory (no config.json)")
+            raise ModelError(f"{spec} is not a transformers model directory (no config.json); give the directory "
+                             f"that holds config.json and the weights")
         _check_model_dir(path)
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")

@@ -269,9 +269,10 @@ def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
     """Refuse activations holding NaN or Inf (or whose squares overflow): no score can be made from them."""
     for value in (stats.sq_norms, stats.gram):
         if value is not None and not torch.isfinite(value).all():
+            low = linear.weight.dtype in (torch.float16, torch.bfloat16)
+            hint = "compute in float32 (--dtype float32)" if low else f"check the weights of blocks 0 to {index}"
             raise ValueError(f"the activations entering block {index} {linear.name} are not finite (NaN or Inf) on "
-                             f"the calibration windows: the model overflows there; check the weights of blocks up "
-                             f"to {index}, or compute in float32 (--dtype float32)")
+                             f"the calibration windows: the model overflows there; {hint}")
 
 
 def _sequential_block(index, block, linears, inputs, visit, needs, timings, device):

@@ -26,7 +26,7 @@ def local_model_dir(spec: str) -> Path:
     path = Path(spec)
     if spec.endswith(".gguf"):
         if not path.is_file():
-            raise InputError(f"GGUF file {spec} does not exist")
+            raise InputError(f"GGUF file {spec} does not exist; check the path in the recipe")
         stat = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         target = default_cache_dir() / "gguf" / f"{path.stem}-{key}"
@@ -37,7 +37,7 @@ def local_model_dir(spec: str) -> Path:
     if path.exists():
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise InputError(f"merge input {spec} does not exist")
+        raise InputError(f"merge input {spec} does not exist; check the path in the recipe")
     try:
         from huggingface_hub import snapshot_download
 

@@ -64,7 +64,8 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
-            raise InputError(f"{self.path} is not a transformers model directory (no config.json)")
+            raise InputError(f"{self.path} is not a transformers model directory (no config.json); give the "
+                             f"directory that holds config.json and the weights")
         self.config = read_json(self.path / "config.json")
         self.files = _shard_files(self.path)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -211,7 +212,7 @@ def open_input(path: str | os.PathLike):
     """A full checkpoint or a LoRA adapter, by what the directory holds."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"merge input {path} does not exist")
+        raise InputError(f"merge input {path} does not exist; check the path in the recipe")
     if not path.is_dir():
         raise InputError(f"merge input {path} is not a directory (a transformers checkpoint or a PEFT adapter)")
     if (path / "adapter_config.json").is_file():
