@@ -503,6 +503,7 @@ def kill(pid: int) -> None:
         pass
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forked from one process")
 def test_a_killed_prune_leaves_nothing_or_a_whole_model(work):
     """SIGKILL at several moments: the output is absent or complete; stale temp dirs go on the next run."""
     moments = ["random", "random", "mid-shard", "before-rename", "after-rename"]
