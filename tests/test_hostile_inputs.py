@@ -302,6 +302,13 @@ def test_recipe_errors_are_one_line_before_any_model_loads(tmp_path, no_loading,
     assert no_loading == []
 
 
+def test_debug_shows_the_traceback_instead(tmp_path, no_loading):
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "tiez", "base_model": "b", "models": [{"model": "m"}]})
+    result = CliRunner().invoke(main, ["--debug", "merge", str(recipe), "-o", str(tmp_path / "out")])
+    assert isinstance(result.exception, RecipeError) and "did you mean 'ties'" in str(result.exception)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+
+
 def test_recipe_that_is_missing_or_a_directory(tmp_path, no_loading):
     refused(cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "nope.yaml", "does not exist")
     refused(cli("merge", tmp_path, "-o", tmp_path / "out"), str(tmp_path), "not a file")
