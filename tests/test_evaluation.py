@@ -1,0 +1,336 @@
+"""Evaluation: perplexity against the model's own loss, lm-eval tasks offline against a direct
+log-likelihood computation, offline task data, results files and reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import tiny_model, word_tokenizer
+from wandamerge.cli import main
+from wandamerge.evaluation.evaluate import evaluate, normalized_accuracy
+from wandamerge.evaluation.perplexity import perplexity, strided_windows
+from wandamerge.evaluation.tasks import OFFLINE_TASKS, read_examples, task_yaml
+from wandamerge.evaluation.zeroshot import ZeroShotError, zero_shot
+from wandamerge.models import save_model
+from wandamerge.report import build_report, load_run
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def test_perplexity_equals_the_models_own_loss():
+    model = tiny_model("llama")
+    windows = torch.randint(3, 96, (5, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    # every window predicts the same number of tokens, so the mean of the means is the mean NLL
+    assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(
+        math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_strided_perplexity_scores_each_token_once_with_more_context():
+    model = tiny_model("gpt2")
+    windows = torch.randint(3, 96, (4, 12), generator=torch.Generator().manual_seed(2))
+    stride, seqlen = 5, 12
+    stream = windows.reshape(-1)
+    total, count, scored_until = 0.0, 0, 0  # independent: mask already-scored labels with -100
+    with torch.no_grad():
+        for start in range(0, stream.numel() - seqlen + 1, stride):
+            ids = stream[start:start + seqlen][None]
+            labels = ids.clone()
+            fresh = max(0, scored_until - start)  # labels[0] is never predicted
+            labels[0, :fresh + 1] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            if n:
+                total += model(input_ids=ids, labels=labels).loss.item() * n
+                count += n
+            scored_until = start + seqlen - 1
+    assert count == stream.numel() - 1 - (stream.numel() - seqlen) % stride
+    assert perplexity(model, windows, stride=stride, progress=False) == pytest.approx(math.exp(total / count),
+                                                                                      rel=1e-5)
+    # stride == seqlen is the plain non-overlapping measure
+    assert perplexity(model, windows, stride=seqlen, progress=False) == pytest.approx(
+        perplexity(model, windows, progress=False))
+    with pytest.raises(ValueError, match="stride"):
+        strided_windows(windows, 0)
+
+
+# ----------------------------------------------------------------------------- zero-shot through lm-eval
+
+
+def _choice_task(tmp_path: Path, n: int = 24, seed: int = 0) -> tuple[Path, list[dict]]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (6,), generator=gen))
+        choices = [f" w{int(t)}" for t in torch.randint(3, 96, (3,), generator=gen)]
+        rows.append({"prompt": prompt, "choices": choices, "label": int(torch.randint(0, 3, (1,), generator=gen))})
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, rows
+
+
+def _direct_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Independent reference: log P(choice | prompt) by hand, argmax against the label."""
+    right = 0
+    with torch.no_grad():
+        for row in rows:
+            context = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            scores = []
+            for choice in row["choices"]:
+                cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([context + cont])
+                logprobs = model(input_ids=ids).logits.log_softmax(-1)[0]
+                scores.append(sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(cont)))
+            right += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
+    return right / len(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return tiny_model("llama"), word_tokenizer()
+
+
+def test_dict_task_through_lm_eval_matches_direct_loglikelihoods(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    data, rows = _choice_task(tmp_path)
+    config = task_yaml("toy", data)
+    table = zero_shot(model, tokenizer, [config], batch_size=4)
+    assert table["wandamerge_toy"]["n"] == len(rows)
+    assert table["wandamerge_toy"]["acc"] == pytest.approx(_direct_accuracy(model, tokenizer, rows))
+
+
+def test_yaml_task_file_through_lm_eval(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    data, rows = _choice_task(tmp_path, n=16, seed=3)
+    spec = tmp_path / "tasks" / "toy_yaml.yaml"
+    spec.parent.mkdir()
+    config = task_yaml("toy_yaml", data)
+    spec.write_text(yaml.safe_dump(config))
+    table = zero_shot(model, tokenizer, [str(spec)], batch_size=4, limit=10)
+    assert table["wandamerge_toy_yaml"]["n"] == 10
+    assert table["wandamerge_toy_yaml"]["acc"] == pytest.approx(_direct_accuracy(model, tokenizer, rows[:10]))
+
+
+def test_task_errors_are_clean(tmp_path, tiny_lm):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ZeroShotError, match="does not exist"):
+        zero_shot(model, tokenizer, [str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset_path: json\n")
+    with pytest.raises(ZeroShotError, match="no 'task:'"):
+        zero_shot(model, tokenizer, [str(bad)])
+
+
+# ----------------------------------------------------------------------------- offline task data
+
+
+@pytest.mark.parametrize("name", ["polarity", "newsgroups", "analogy"])
+def test_offline_task_splits_are_real_balanced_and_disjoint(name, tmp_path):
+    train = read_examples(name, "train", tmp_path)
+    test = read_examples(name, "test", tmp_path)
+    prompts_train = {e["prompt"] for e in train}
+    assert not prompts_train & {e["prompt"] for e in test}
+    for example in train + test:
+        assert 0 <= example["label"] < len(example["choices"])
+        assert all(c.startswith(" ") for c in example["choices"])
+    if name != "analogy":
+        counts = [sum(e["label"] == k for e in test) for k in range(len(test[0]["choices"]))]
+        assert len(set(counts)) == 1  # balanced test classes
+        assert len(train) + len(test) == 200  # gensim's samples hold 200 labelled items each
+    if name == "newsgroups":  # the header naming the group (the answer) is gone
+        assert not any("Newsgroups:" in e["prompt"] for e in train + test)
+    if name == "analogy":  # no word pair of a test question appears in a training question
+        def pairs(e):
+            words = e["prompt"].replace(" is to ", " ").replace(" as ", " ").split()
+            return {(words[0], words[1]), (words[2], e["choices"][e["label"]].strip())}
+        train_pairs = set().union(*map(pairs, train))
+        assert not any(pairs(e) & train_pairs for e in test)
+    # the files are written once and reused
+    spec = tmp_path / name / f"{name}.yaml"
+    config = yaml.safe_load(spec.read_text())
+    assert Path(config["dataset_kwargs"]["data_files"]["test"]).is_absolute()
+    assert config["metadata"]["source"] == OFFLINE_TASKS[name].source
+
+
+# ----------------------------------------------------------------------------- results, report, run
+
+
+def test_normalized_accuracy_by_hand():
+    tasks = {"a": {"acc": 0.6}, "b": {"acc": 0.9}}
+    tuned = {"a": {"acc": 0.8}, "b": {"acc": 0.9}}
+    n = normalized_accuracy(tasks, tuned)
+    assert n["per_task"] == pytest.approx({"a": 0.75, "b": 1.0})
+    assert n["mean"] == pytest.approx(0.875)
+    assert n["spread"]["min"] == pytest.approx(0.75) and n["spread"]["std"] == pytest.approx(0.125)
+
+
+@pytest.fixture()
+def saved_tiny(tmp_path):
+    def save(name, seed):
+        out = tmp_path / name
+        save_model(tiny_model("llama", seed=seed), word_tokenizer(), out)
+        return out
+    return save
+
+
+def _text_file(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(5)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{int(t)}" for t in torch.randint(3, 96, (3000,), generator=gen)))
+    return text
+
+
+def test_eval_cli_writes_results_and_references(tmp_path, saved_tiny):
+    merged, tuned, base = saved_tiny("merged", 0), saved_tiny("tuned", 1), saved_tiny("base", 2)
+    data, rows = _choice_task(tmp_path, n=12)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump(task_yaml("toy", data)))
+    text = _text_file(tmp_path)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["-q", "eval", str(merged), "-o", str(out), "--ppl", str(text), "--seqlen",
+                                       "32", "--windows", "4", "--task", str(spec), "--finetuned",
+                                       f"wandamerge_toy={tuned}", "--base", str(base), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["perplexity"]["windows"] == 4 and results["perplexity"]["value"] > 1
+    acc = results["tasks"]["wandamerge_toy"]["acc"]
+    tuned_acc = results["references"]["finetuned"]["wandamerge_toy"]["acc"]
+    assert results["references"]["base"]["wandamerge_toy"]["acc"] >= 0
+    if tuned_acc:
+        assert results["normalized"]["mean"] == pytest.approx(acc / tuned_acc)
+    assert "wandamerge_toy" in (out / "report.md").read_text()
+    # a second run into the same directory is refused
+    again = CliRunner().invoke(main, ["-q", "eval", str(merged), "-o", str(out), "--ppl", "none"])
+    assert again.exit_code == 2 and "already holds results" in again.output
+    bad = CliRunner().invoke(main, ["-q", "eval", str(merged), "-o", str(tmp_path / "x"), "--finetuned", "nope"])
+    assert bad.exit_code == 2 and "TASK=PATH" in bad.output
+
+
+def _is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    offset, chunks = 8, []
+    while offset < len(data):  # walk the chunks and check every CRC
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        crc = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])[0]
+        if zlib.crc32(kind + body) != crc:
+            return False
+        chunks.append(kind)
+        offset += 12 + length
+    return chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+
+
+def test_report_renders_tables_and_valid_pngs(tmp_path):
+    runs = []
+    for i, (method, sparsity, ppl) in enumerate([("wanda", 0.5, 50.0), ("wanda", 0.6, 90.0),
+                                                 ("magnitude", 0.5, 400.0)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        record = {"job": "prune", "settings": {"method": method, "sparsity": sparsity, "pattern": None,
+                                               "group": "row"},
+                  "sparsity": {"per_block": [sparsity, sparsity + 0.01]}, "perplexity": {"pruned": ppl},
+                  "seconds": {"prune": 3.0 + i}, "peak_memory": {"rss_bytes": 1.5e9}}
+        (d / "wandamerge.json").write_text(json.dumps(record))
+        runs.append(d)
+    merged = tmp_path / "merge"
+    merged.mkdir()
+    (merged / "results.json").write_text(json.dumps({
+        "name": "ties-merge", "perplexity": None,
+        "tasks": {"polarity": {"acc": 0.7, "acc_stderr": 0.05}, "tweets": {"acc": 0.5}},
+        "references": {"base": {"polarity": {"acc": 0.6}}, "finetuned": {"polarity": {"acc": 0.8}}},
+        "normalized": {"mean": 0.875},
+        "record": {"job": "merge", "recipe": {"merge_method": "ties",
+                                              "models": [{"parameters": {"density": 0.2}}]}, "score": "wanda"}}))
+    runs.append(merged)
+    written = build_report(runs, tmp_path / "report", title="Test report")
+    for name in ("perplexity.png", "task_accuracy.png", "normalized_accuracy.png", "layer_sparsity.png",
+                 "time_memory.png"):
+        assert _is_png(written[name]), name
+    html = written["report.html"].read_text()
+    assert "<table>" in html and "ties-merge" in html and "400.00" in html
+    assert html.count("data:image/png;base64,") == 5  # self-contained
+    md = written["report.md"].read_text()
+    assert "| run0 | prune | wanda |" in md and "0.875" in md
+    assert load_run(merged).density == 0.2
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_run_recipe_prune_evaluate_report_end_to_end(tmp_path, saved_tiny):
+    base = saved_tiny("base", 0)
+    data, rows = _choice_task(tmp_path, n=8)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump(task_yaml("toy", data)))
+    text = _text_file(tmp_path)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "prune": {"model": str(base), "method": "wanda", "sparsity": 0.5, "calib": str(text), "nsamples": 4,
+                  "seqlen": 32},
+        "evaluate": {"perplexity": {"data": str(text), "windows": 3, "seqlen": 32}, "tasks": [str(spec)],
+                     "batch_size": 4}}))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["record"]["job"] == "prune"
+    assert results["record"]["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
+    assert results["references"]["base"]["wandamerge_toy"]["model"] == str(base)
+    for name in ("report.md", "report.html", "perplexity.png", "layer_sparsity.png"):
+        assert (out / "report" / name).is_file(), name
+    assert (out / "model" / "config.json").is_file() and (out / "recipe.yaml").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging left behind
+
+
+def test_run_recipe_merge_with_finetuned_tasks(tmp_path, saved_tiny):
+    base, ft1, ft2 = saved_tiny("base", 0), saved_tiny("ft1", 1), saved_tiny("ft2", 2)
+    data, _ = _choice_task(tmp_path, n=8)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump(task_yaml("toy", data)))
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(base),
+        "models": [{"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": str(ft2), "parameters": {"weight": 1.0, "density": 0.5}}],
+        "evaluate": {"perplexity": False, "tasks": [{"task": str(spec), "finetuned": str(ft1)}],
+                     "batch_size": 4}}))
+    out = tmp_path / "merged-run"
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["record"]["job"] == "merge" and results["perplexity"] is None
+    assert set(results["references"]["finetuned"]) == {"wandamerge_toy"}
+    assert (out / "report" / "task_accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"prune": {"model": "x", "methd": "wanda"}}, "did you mean 'method'"),
+    ({"prune": {"model": "x", "sparsity": 1.5}}, "prune.sparsity"),
+    ({"prune": {"model": "x", "method": "wandaa"}}, "did you mean 'wanda'"),
+    ({"prune": {"model": "x"}, "evaluate": {"taks": []}}, "did you mean 'tasks'"),
+    ({"prune": {"model": "x"}, "evaluate": {"perplexity": {"windows": -1}}}, "evaluate.perplexity.windows"),
+    ({"prune": {"model": "x"}, "merge_method": "ties"}, "either prunes or merges"),
+    ({"evaluate": {}}, "nothing to run"),
+    ({"merge_method": "tie", "base_model": "b", "models": [{"model": "m"}]}, "did you mean 'ties'"),
+])
+def test_run_recipe_errors_before_loading_anything(tmp_path, recipe, message, monkeypatch):
+    import wandamerge.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
