@@ -72,8 +72,16 @@ def test_existing_output_is_refused_unless_overwrite(model_dir, text_file, tmp_p
     result = run(*args)
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert run(*args, "--overwrite").exit_code == 0
+    # --overwrite replaces earlier outputs only: a directory of other files is never deleted
+    result = run(*args, "--overwrite")
+    assert result.exit_code == 2 and "holds other files (keep.txt)" in result.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert run(*args, "--overwrite").exit_code == 0  # an empty directory
     assert (tmp_path / "out" / "config.json").exists()
+    (tmp_path / "out" / "extra.txt").write_text("written after the run")
+    assert run(*args, "--overwrite").exit_code == 0  # an earlier output
+    assert not (tmp_path / "out" / "extra.txt").exists()
 
 
 def test_output_inside_the_input_model_is_refused(model_dir, text_file):

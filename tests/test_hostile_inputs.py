@@ -393,8 +393,14 @@ def test_merge_output_that_exists_is_refused_unless_overwrite(work):
     recipe = write_recipe(work["root"] / "r.yaml", ties(work["base"], work["ft"]))
     refuses_and_changes_nothing(work["root"], ["merge", recipe, "-o", work["out"]], str(work["out"]),
                                 "already exists", "--overwrite")
+    # --overwrite never deletes a directory of other files, only an earlier output
+    refuses_and_changes_nothing(work["root"], ["merge", recipe, "-o", work["out"], "--overwrite"],
+                                "holds other files (keep.txt)", "remove it yourself")
+    (work["out"] / "keep.txt").unlink()
+    assert cli("merge", recipe, "-o", work["out"]).exit_code == 2
     assert cli("merge", recipe, "-o", work["out"], "--overwrite").exit_code == 0
-    assert (work["out"] / "config.json").is_file() and not (work["out"] / "keep.txt").exists()
+    assert (work["out"] / "config.json").is_file()
+    assert cli("merge", recipe, "-o", work["out"], "--overwrite").exit_code == 0  # replaces the earlier merge
 
 
 def test_merge_output_inside_an_input_model_is_refused(work):

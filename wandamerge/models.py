@@ -271,7 +271,24 @@ def check_output_dir(out: str | Path, inputs: list[str], overwrite: bool) -> Pat
                 raise ModelError(f"output {out_path} lies inside the input model {src_dir}; choose another directory")
     if out_path.exists() and not overwrite:
         raise ModelError(f"output {out_path} already exists; pass --overwrite to replace it")
+    if out_path.exists():
+        check_replaceable(out_path)
     return out_path
+
+
+# what a directory we may replace holds: a model, an adapter, or a wandamerge run/eval/report
+OUTPUT_MARKERS = ("config.json", "wandamerge.json", "results.json", "adapter_config.json", "report.html")
+
+
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces an empty directory or an earlier output, never anything else."""
+    if not out.is_dir():
+        raise ModelError(f"output {out} exists and is not a directory; remove it or choose another path")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not any(marker in entries for marker in OUTPUT_MARKERS):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ModelError(f"output {out} holds other files ({shown}), not a model or a wandamerge run; "
+                         "--overwrite only replaces earlier outputs: remove it yourself or choose another directory")
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -332,6 +349,8 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool = False):
         raise ModelError(f"output {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ModelError(f"output {out} is a file, not a directory; choose another path")
+    if out.exists():
+        check_replaceable(out)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     tmp = None
     try:
