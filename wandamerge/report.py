@@ -127,7 +127,8 @@ def _read_record(run: Run, record: dict) -> None:
             run.density = float(next(iter(densities)))
     seconds = record.get("seconds")
     if isinstance(seconds, dict) and seconds:
-        run.seconds = float(sum(v for v in seconds.values() if isinstance(v, (int, float))))
+        run.seconds = float(seconds["total"] if "total" in seconds else
+                            sum(v for v in seconds.values() if isinstance(v, (int, float))))
     elif isinstance(seconds, (int, float)):
         run.seconds = float(seconds)
     rss = (record.get("peak_memory") or {}).get("rss_bytes")
