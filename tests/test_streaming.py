@@ -116,6 +116,19 @@ def test_low_memory_wanda_merge_equals_in_memory(family, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), activations
 
 
+def test_wanda_merge_streams_by_itself_when_the_base_would_not_fit(family, tmp_path, monkeypatch):
+    torch.save(torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)), tmp_path / "calib.pt")
+    recipe = parse_recipe({
+        "merge_method": "ties", "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+        "sparsify": {"score": "wanda"},
+        "calibration": {"data": str(tmp_path / "calib.pt"), "nsamples": 2, "seqlen": 8}})
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10_000)
+    assert merge(recipe, tmp_path / "auto", progress=False)["calibration"]["low_memory"] is True
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10**12)
+    assert merge(recipe, tmp_path / "roomy", progress=False)["calibration"]["low_memory"] is False
+
+
 @pytest.mark.parametrize("available, expected", [(10_000, True), (10**12, False)])
 def test_low_memory_switches_on_when_the_model_would_not_fit(model_dir, text_file, tmp_path, monkeypatch,
                                                              caplog, available, expected):

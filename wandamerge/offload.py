@@ -62,8 +62,8 @@ class DispatchedBlocks(ResidentBlocks):
     """Block loader for an accelerate-dispatched model: nothing moves; offloaded weights visit for a turn."""
 
     def __init__(self, model: nn.Module):
-        hook = getattr(model, "_hf_hook", None)
-        super().__init__(getattr(hook, "execution_device", None) or "cpu")
+        device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+        super().__init__("cpu" if device is None else device)  # may be a GPU index: 0 is a device
         self._brought_in: list[nn.Module] = []
 
     @contextmanager

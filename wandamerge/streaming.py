@@ -12,7 +12,9 @@ plus the calibration activations — not the model.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,13 +23,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .merging.sources import Checkpoint, ShardWriter
+from .merging.sources import TORCH_DTYPES, Checkpoint, ShardWriter
 from .models import ModelError, _dtype, block_prefix, decoder_blocks
 from .runner import ResidentBlocks
 
 log = logging.getLogger(__name__)
 
 TensorFn = Callable[[str, torch.Tensor], torch.Tensor]  # (tensor name, stored tensor) -> tensor to use
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 # ----------------------------------------------------------------------------- when to stream
@@ -48,22 +51,13 @@ def available_memory() -> int:
 
 def loaded_size(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:
     """Bytes the checkpoint's tensors take in memory as ``dtype`` (its size on disk when the dtypes agree)."""
-    from .merging.sources import TORCH_DTYPES
-
     checkpoint = Checkpoint(path)
     total = 0
     for name in checkpoint.names():
         stored = TORCH_DTYPES.get(checkpoint.dtype(name), torch.float32)
         width = torch.empty((), dtype=dtype if stored.is_floating_point else stored).element_size()
-        total += width * _numel(checkpoint.shape(name))
+        total += width * math.prod(checkpoint.shape(name))
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def streamable(path: str | os.PathLike) -> bool:
@@ -84,6 +78,22 @@ def should_stream(path: str | os.PathLike, dtype: str | torch.dtype | None = "fl
                  "low-memory mode (one decoder block in memory at a time)", size / 1e9, available / 1e9)
         return True
     return False
+
+
+def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
+    """Have glibc give every allocation over ``threshold`` bytes a mapping of its own, unmapped when freed.
+
+    By default glibc serves allocations under a moving threshold (up to 32 MiB:
+    a 2048x2048 float32 matrix is 16 MiB) from its heap and keeps what is freed
+    there, so a pass that reads and drops block after block grows its resident
+    memory by tens of MB a block instead of staying at one block. Process-wide;
+    False (and nothing done) where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 # ----------------------------------------------------------------------------- the skeleton
@@ -108,6 +118,8 @@ class StreamedModel:
                              f"{path} is not one (save it with save_pretrained first)")
         self.dtype = _dtype(dtype) or torch.float32
         self.checkpoint = Checkpoint(self.path)
+        if not return_freed_memory_promptly():
+            log.info("could not ask the C library to return freed memory at once; resident memory may grow")
         config = AutoConfig.from_pretrained(self.path)
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
@@ -167,8 +179,6 @@ class StreamedModel:
         return copied, plan
 
     def _out_dtype(self, name: str) -> torch.dtype:
-        from .merging.sources import TORCH_DTYPES
-
         stored = TORCH_DTYPES[self.checkpoint.dtype(name)]
         return self.dtype if stored.is_floating_point else stored
 
