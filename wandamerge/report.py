@@ -163,15 +163,15 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: b
 
 
 def plot_perplexity(runs: list[Run], path: Path) -> Path | None:
-    """Perplexity (log scale) against sparsity, a line per method/group, N:M patterns as their N/M point."""
+    """Perplexity (log scale) against sparsity: a line per method and group, a marker per N:M pattern at N/M."""
     points: dict[str, list[tuple[float, float]]] = {}
     dense = [r.perplexity for r in runs if r.job == "eval" and r.perplexity and not r.method]
     for r in runs:
         if r.job != "prune" or r.perplexity is None:
             continue
-        if r.pattern:
+        if r.pattern:  # one marker per method and pattern (2:4 and 4:8 share x = 0.5)
             n, m = (int(x) for x in r.pattern.split(":"))
-            label, x = f"{r.method} N:M", n / m
+            label, x = f"{r.method} {r.pattern}", n / m
         else:
             label, x = f"{r.method} (per {r.group})", r.sparsity or 0.0
         points.setdefault(label, []).append((x, r.perplexity))
@@ -181,7 +181,7 @@ def plot_perplexity(runs: list[Run], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for label, pts in sorted(points.items()):
         pts.sort()
-        style = "s--" if "N:M" in label else "o-"
+        style = ("s" if label.endswith("2:4") else "D") if ":" in label else "o-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     if dense:
         ax.axhline(min(dense), color="grey", lw=1, ls=":", label="dense")
