@@ -198,6 +198,8 @@ def write_results(result: dict) -> None:
         lines.append("")
     for name, run in result["runs"].items():
         lines.append(f"- `{name}`: `{run['command']}`" + (f" — {run['note']}" if run.get("note") else ""))
+    if result.get("notes"):
+        lines += ["", "## Findings", ""] + [f"- {note}" for note in result["notes"]]
     if "comparison" in result:
         c = result["comparison"]
         lines += ["", f"Low-memory vs in-memory prune output: {c.get('tensors_differing')} of {c.get('tensors')} "
@@ -244,6 +246,7 @@ def main() -> None:
     if previous.is_file():
         old = json.loads(previous.read_text())
         result["history"] = old.get("history", [])
+        result["notes"] = old.get("notes", [])  # findings written after a run, kept across reruns
         if args.only and old["model"]["layers"] == args.layers:
             result["runs"] = {k: v for k, v in old["runs"].items() if k not in args.only}
     prune_args = ["prune", str(base), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
