@@ -252,7 +252,17 @@ def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, para
         assert (a[name] - b[name]).abs().max().item() <= 1e-6, name
 
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")
+                 if not p.name.startswith("run-"))
+RUN_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("run-*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_RECIPES, ids=lambda p: p.name)
+def test_example_run_recipes_validate(path):
+    from wandamerge.run import load_run_recipe
+
+    recipe, _ = load_run_recipe(path)
+    assert (recipe.prune is None) != (recipe.merge is None) and recipe.evaluate.tasks
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
