@@ -11,9 +11,11 @@ densities 0.1, 0.2, 0.5; and 2:4 Wanda-scored deltas for every method. Every
 fine-tune has weight 1 and the density of its row; each method keeps its own
 defaults otherwise (normalize, rescale, breadcrumbs' gamma = 0.01 and DELLA's
 epsilon = 0.1 at densities where they fit). The merge goes through
-`wandamerge.merge`; the evaluation through `wandamerge.evaluation.evaluate`
-(lm-eval, zero-shot, the first ``--limit`` examples of each task's test split),
-with the fine-tunes and the base as references (evaluated once, cached).
+`wandamerge.merge`; the evaluation is zero-shot multiple choice by
+log-likelihood on the first ``--limit`` examples of each task's test split
+(`wandamerge.evaluation.choices`: lm-eval's ``acc``, checked equal by the
+tests and on SmolLM2, without the harness's cost on a CPU), with the base and
+each fine-tune on every task as reference rows.
 
 The base model's activation norms for the Wanda score are computed once for
 the run and reused by every Wanda merge (the same windows, the same base: the
@@ -80,10 +82,12 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
     import wandamerge.merging.merge as merge_module
     from testbed import default_root
-    from wandamerge.evaluation.evaluate import evaluate
+    from wandamerge.evaluation.choices import choice_accuracy
+    from wandamerge.evaluation.evaluate import load_for_eval, normalized_accuracy
+    from wandamerge.evaluation.tasks import read_examples
     from wandamerge.merging.merge import merge
     from wandamerge.models import prepare_smollm2
     from wandamerge.recipe import parse_recipe
@@ -115,16 +119,20 @@ def main() -> None:
         rows = json.loads(results_path.read_text())["rows"]
     done = {r["name"] for r in rows}
 
+    def accuracies(spec: str) -> dict[str, dict]:
+        model, tokenizer = load_for_eval(spec, base=base)
+        return {t: choice_accuracy(model, tokenizer, read_examples(t, "test"), limit=args.limit) for t in TASKS}
+
     # reference rows: the base and each fine-tune on every task
     for name, spec in [("base", base)] + [(f"fine-tune {t}", p) for t, p in finetunes.items()]:
         if name in done:
             continue
         print(f"== {name}", flush=True)
-        result = evaluate(spec, None, ppl_data=None, tasks=TASKS, base=base if name != "base" else None,
-                          limit=args.limit, progress=False)
-        rows.append({"name": name, "kind": "reference", "tasks": {t: r["acc"] for t, r in result["tasks"].items()},
-                     "stderr": {t: r["acc_stderr"] for t, r in result["tasks"].items()}})
+        result = accuracies(spec)
+        rows.append({"name": name, "kind": "reference", "tasks": {t: r["acc"] for t, r in result.items()},
+                     "stderr": {t: r["acc_stderr"] for t, r in result.items()}})
         write(rows, args)
+    own = {t: {"acc": next(r["tasks"][t] for r in rows if r["name"] == f"fine-tune {t}")} for t in TASKS}
 
     wanted = [tuple(o.split("/")) for o in args.only] if args.only else grid()
     for method, score, shape in wanted:
@@ -144,16 +152,17 @@ def main() -> None:
             print(f"   failed: {err}", flush=True)
             continue
         merge_s = time.perf_counter() - t0
-        result = evaluate(str(out), None, ppl_data=None, tasks=TASKS, finetuned=finetunes, base=base,
-                          limit=args.limit, progress=False)
+        t0 = time.perf_counter()
+        result = accuracies(str(out))
+        normalized = normalized_accuracy(result, own)
         rows.append({"name": name, "kind": "merge", "method": method, "score": score, "shape": shape,
                      "density": None if shape == "2:4" else float(shape),
-                     "tasks": {t: r["acc"] for t, r in result["tasks"].items()},
-                     "stderr": {t: r["acc_stderr"] for t, r in result["tasks"].items()},
-                     "normalized": result["normalized"]["per_task"], "normalized_mean": result["normalized"]["mean"],
-                     "merge_s": round(merge_s, 1), "eval_s": round(sum(result["seconds"].values()), 1),
+                     "tasks": {t: r["acc"] for t, r in result.items()},
+                     "stderr": {t: r["acc_stderr"] for t, r in result.items()},
+                     "normalized": normalized["per_task"], "normalized_mean": normalized["mean"],
+                     "merge_s": round(merge_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
                      "fallback_tensors": len(record.get("fallbacks") or {})})
-        print(f"   normalized {result['normalized']['mean']:.3f}  "
+        print(f"   normalized {normalized['mean']:.3f}  "
               + " ".join(f"{t}={a:.3f}" for t, a in rows[-1]["tasks"].items()), flush=True)
         write(rows, args)
         shutil.rmtree(out, ignore_errors=True)
@@ -177,7 +186,8 @@ def write(rows: list[dict], args, final: bool = False) -> None:
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Merging the testbed's fine-tunes ({meta['date']}, commit {meta['commit']})", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
-             f"- accuracy: zero-shot through lm-eval on the first {meta['limit']} test examples of each task; "
+             f"- accuracy: zero-shot multiple choice by log-likelihood (equal to lm-eval's acc) on the first "
+             f"{meta['limit']} test examples of each task; "
              f"normalized = merged / the task's own fine-tune; Wanda norms from {meta['nsamples']} x 512 wiki "
              "tokens through the base", "",
              "| run | " + " | ".join(TASKS) + " | normalized mean | min | merge s |",

