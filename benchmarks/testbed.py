@@ -42,11 +42,14 @@ sys.path.insert(0, str(REPO))
 
 # task -> how it is fine-tuned (steps at batch 8, learning rate, full or LoRA); budgets sized for 2 CPU cores
 FINETUNES = {
-    "polarity": {"kind": "full", "steps": 40, "batch": 8, "lr": 5e-5},
     "newsgroups": {"kind": "full", "steps": 30, "batch": 8, "lr": 2e-5},  # long prompts: fewer steps
-    "tweets": {"kind": "lora", "steps": 200, "batch": 8, "lr": 1e-3, "r": 16, "alpha": 32},
-    "analogy": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
+    "tweets": {"kind": "lora", "steps": 120, "batch": 8, "lr": 1e-3, "r": 16, "alpha": 32},
+    "analogy_semantic": {"kind": "full", "steps": 60, "batch": 8, "lr": 2e-5},
+    "analogy_syntactic": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
 }
+# Tried and dropped: "polarity" (Pang & Lee, 120 training sentences) as a full fine-tune, 60 x 8 at lr 2e-5
+# and 40 x 8 at 5e-5: 0.787 and 0.775 against the base's 0.775 on its 80 test sentences -- too little data to
+# beat the base clearly, so it would say nothing about merging. It stays an evaluation task.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_GAIN = 0.10  # a fine-tune must beat the base on its own task by this much accuracy
 
@@ -192,6 +195,8 @@ def main() -> None:
         summary_path.write_text(json.dumps(summary, indent=2))
         print(f"   {task}: fine-tune {tuned['acc']:.3f} against base {base_acc:.3f}", flush=True)
 
+    summary["tasks"] = rows = {t: rows[t] for t in FINETUNES if t in rows}  # tasks dropped from the testbed go
+    summary["base"] = {t: v for t, v in summary.get("base", {}).items() if t in FINETUNES}
     summary["meta"] = {"command": " ".join(["python benchmarks/testbed.py", *sys.argv[1:]]), "base": str(base),
                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],

@@ -25,7 +25,9 @@ likelihoods. The data are real and documented at their source:
     questions in 14 sections). "Athens is to Greece as Baghdad is to" with the
     answer and three distractors drawn from the same section's answers. The
     word pairs are split between train and test (30% of them to test), so a
-    test question never shares a pair with a training one.
+    test question never shares a pair with a training one. ``analogy_semantic``
+    and ``analogy_syntactic`` are its world-knowledge and grammar sections as
+    two tasks (the same pair split).
 
 Every task has a fixed, seeded train/test split (the train split feeds the
 fine-tunes of ``benchmarks/``, the test split the evaluation) written as JSONL
@@ -196,7 +198,7 @@ def tweets_task() -> tuple[list[Example], list[Example]]:
 
 
 @register_task("analogy", "Mikolov et al. word analogies, gensim test_data/questions-words.txt (pairs split train/test)")
-def analogy_task() -> tuple[list[Example], list[Example]]:
+def analogy_task(keep=lambda section: True) -> tuple[list[Example], list[Example]]:
     sections: dict[str, list[tuple[str, str, str, str]]] = {}
     current = None
     for line in _gensim_test_file("questions-words.txt").read_text(encoding="utf-8").splitlines():
@@ -214,6 +216,8 @@ def analogy_task() -> tuple[list[Example], list[Example]]:
     test_pairs = set(pairs[: len(pairs) * 3 // 10])
     train, test = [], []
     for section in sorted(sections):
+        if not keep(section):
+            continue
         questions = sections[section]
         answers = sorted({q[3] for q in questions})
         for a, b, c, d in questions:
@@ -228,6 +232,19 @@ def analogy_task() -> tuple[list[Example], list[Example]]:
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test[:200]
+
+
+@register_task("analogy_semantic", "the world-knowledge sections of Mikolov et al.'s analogies (capitals, currencies, "
+                                   "cities in states, family), gensim test_data/questions-words.txt")
+def analogy_semantic_task() -> tuple[list[Example], list[Example]]:
+    return analogy_task(keep=lambda section: not section.startswith("gram"))
+
+
+@register_task("analogy_syntactic", "the grammar sections (gram1-gram9: adverbs, opposites, comparatives, "
+                                    "superlatives, participles, nationalities, past tense, plurals) of Mikolov et al.'s "
+                                    "analogies, gensim test_data/questions-words.txt")
+def analogy_syntactic_task() -> tuple[list[Example], list[Example]]:
+    return analogy_task(keep=lambda section: section.startswith("gram"))
 
 
 # ----------------------------------------------------------------------------- lm-eval files
