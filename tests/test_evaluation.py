@@ -134,7 +134,7 @@ def test_task_errors_are_clean(tmp_path, tiny_lm):
 # ----------------------------------------------------------------------------- offline task data
 
 
-@pytest.mark.parametrize("name", ["polarity", "newsgroups", "analogy"])
+@pytest.mark.parametrize("name", ["polarity", "newsgroups", "analogy", "analogy_semantic", "analogy_syntactic"])
 def test_offline_task_splits_are_real_balanced_and_disjoint(name, tmp_path):
     train = read_examples(name, "train", tmp_path)
     test = read_examples(name, "test", tmp_path)
@@ -143,13 +143,13 @@ def test_offline_task_splits_are_real_balanced_and_disjoint(name, tmp_path):
     for example in train + test:
         assert 0 <= example["label"] < len(example["choices"])
         assert all(c.startswith(" ") for c in example["choices"])
-    if name != "analogy":
+    if not name.startswith("analogy"):
         counts = [sum(e["label"] == k for e in test) for k in range(len(test[0]["choices"]))]
         assert len(set(counts)) == 1  # balanced test classes
         assert len(train) + len(test) == 200  # gensim's samples hold 200 labelled items each
     if name == "newsgroups":  # the header naming the group (the answer) is gone
         assert not any("Newsgroups:" in e["prompt"] for e in train + test)
-    if name == "analogy":  # no word pair of a test question appears in a training question
+    if name.startswith("analogy"):  # no word pair of a test question appears in a training question
         def pairs(e):
             words = e["prompt"].replace(" is to ", " ").replace(" as ", " ").split()
             return {(words[0], words[1]), (words[2], e["choices"][e["label"]].strip())}
