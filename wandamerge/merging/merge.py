@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -32,8 +33,10 @@ from ..recipe import Calibration, MergeRecipe, resolve
 from ..runner import NORMS, blockwise_pass
 from ..streaming import StreamedModel, should_stream
 from .inputs import check_compatible, input_digests, local_model_dir, open_inputs
+from .chunked import chunked_merge_applies, merge_rows
 from .methods import get_method, merge_tensor_detailed
-from .sources import TORCH_DTYPES, Checkpoint, InputError, LoraAdapter, ShardWriter, open_input
+from .sparsify import selects_lean
+from .sources import TORCH_DTYPES, Checkpoint, InputError, LoraAdapter, ShardWriter, TensorRows, open_input
 
 log = logging.getLogger(__name__)
 
@@ -172,29 +175,36 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
                     for name in base.names()]
             writer = ShardWriter(tmp, plan, max_shard_size)
             for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
-                base_tensor = base.tensor(name)
-                if compute_dtype is not None:
-                    base_tensor = base_tensor.to(compute_dtype)
                 t = layer_position(name, prefix, num_layers)
-                finetuned, weights, densities, gammas, epsilons, norms = [], [], [], [], [], []
+                weights, densities, gammas, epsilons, norms = [], [], [], [], []
                 for i, entry in enumerate(recipe.models):
-                    source = inputs[entry.model]
                     scopes = (entry.parameters, recipe.parameters)
-                    finetuned.append(_finetuned_tensor(source, name, base_tensor))
                     weights.append(resolve("weight", scopes, name, t, default=None))
                     densities.append(resolve("density", scopes, name, t, default=1.0))
                     gammas.append(resolve("gamma", scopes, name, t))
                     epsilons.append(resolve("epsilon", scopes, name, t))
                     entry_norms = (norms_per_input[i] or {}).get(name)
                     norms.append(entry_norms)
-                result = _merge_one(recipe, method, name, base_tensor, finetuned, weights, densities, gammas,
-                                    epsilons, norms, score, group, pattern, generator)
-                merged = result.tensor
+                options = _delta_kwargs(recipe, name, base.shape(name), densities, gammas, epsilons, norms, score,
+                                        group, pattern)
+                tensor_dtype = compute_dtype or TORCH_DTYPES[base.dtype(name)]
+                if _merges_in_blocks(recipe, method, base, inputs, name, tensor_dtype, norms, options):
+                    result, changed = _merge_blocks(recipe, base, inputs, name, tensor_dtype, weights, options,
+                                                    writer, out_dtype)
+                else:
+                    base_tensor = base.tensor(name)
+                    if compute_dtype is not None:
+                        base_tensor = base_tensor.to(compute_dtype)
+                    finetuned = [_finetuned_tensor(inputs[entry.model], name, base_tensor) for entry in recipe.models]
+                    result = _merge_one(recipe, method, name, base_tensor, finetuned, weights, norms, options,
+                                        generator)
+                    merged = result.tensor
+                    changed = (merged != base_tensor).float().mean().item() if recipe.merge_method != "linear" else None
+                    writer.add(name, merged.to(out_dtype) if out_dtype else merged)
+                    del merged, base_tensor, finetuned
                 if result.fallback_reason:
                     fallbacks[name] = result.fallback_reason
-                changed = (merged != base_tensor).float().mean().item() if recipe.merge_method != "linear" else None
                 per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed}
-                writer.add(name, merged.to(out_dtype) if out_dtype else merged)
             writer.close()
             seconds["merge_and_write"] = time.perf_counter() - t0
             _write_config_and_tokenizer(recipe, base_dir, tmp, out_dtype or _dtype_of(base))
@@ -257,34 +267,85 @@ def _finetuned_tensor(source, name: str, base_tensor: torch.Tensor) -> torch.Ten
     return source.tensor(name).to(base_tensor.dtype)
 
 
-def _merge_one(recipe, method, name, base_tensor, finetuned, weights, densities, gammas, epsilons, norms,
-               score, group, pattern, generator):
+def _delta_kwargs(recipe, name, shape, densities, gammas, epsilons, norms, score, group, pattern) -> dict:
+    """The options of a method on deltas for tensor ``name``, as merge_tensor_detailed takes them."""
     params = recipe.parameters or {}
-    if method.on == "weights":
-        return merge_tensor_detailed(recipe.merge_method, base_tensor, finetuned, weights,
-                                     normalize=resolve("normalize", (params,), name, 0.0))
-    transposed = any(n is not None and n.transposed for n in norms)
     sq_norms = None if any(n is None for n in norms) else [n.sq_norms for n in norms]
-    if transposed:  # score Conv1D weights in (out, in) orientation
-        base_tensor = base_tensor.T
-        finetuned = [f.T for f in finetuned]
-    is_matrix = base_tensor.ndim == 2
-    if score is None:  # as mergekit: a density without a sparsifier has nothing to act on
-        densities = None
-    result = merge_tensor_detailed(
-        recipe.merge_method, base_tensor, finetuned, weights, densities,
+    is_matrix = len(shape) == 2
+    return dict(
+        densities=None if score is None else densities,  # as mergekit: a density without a sparsifier does nothing
         score=score, lambda_=resolve("lambda", (params,), name, 0.0),
         normalize=resolve("normalize", (params,), name, 0.0), rescale=resolve("rescale", (params,), name, 0.0),
         gamma=None if all(g is None for g in gammas) else gammas,
         epsilon=None if all(e is None for e in epsilons) else epsilons,
         input_sq_norms=sq_norms if score == "wanda" else None,
         group=group if is_matrix and _takes(score, "group") else None,
-        pattern=pattern if is_matrix and _takes(score, "pattern") else None, generator=generator)
+        pattern=pattern if is_matrix and _takes(score, "pattern") else None)
+
+
+def _merge_one(recipe, method, name, base_tensor, finetuned, weights, norms, options, generator):
+    params = recipe.parameters or {}
+    if method.on == "weights":
+        return merge_tensor_detailed(recipe.merge_method, base_tensor, finetuned, weights,
+                                     normalize=resolve("normalize", (params,), name, 0.0))
+    transposed = any(n is not None and n.transposed for n in norms)
+    if transposed:  # score Conv1D weights in (out, in) orientation
+        base_tensor = base_tensor.T
+        finetuned = [f.T for f in finetuned]
+    result = merge_tensor_detailed(recipe.merge_method, base_tensor, finetuned, weights, **options,
+                                   generator=generator)
     if transposed:
         from dataclasses import replace
 
         result = replace(result, tensor=result.tensor.T.contiguous())
     return result
+
+
+def _merges_in_blocks(recipe, method, base, inputs, name, tensor_dtype, norms, options) -> bool:
+    """Whether tensor ``name`` is merged block by block (:mod:`.chunked`): a large one, on deltas,
+    of a sparsifier and dtypes it covers, not transposed for its scores."""
+    shape = base.shape(name)
+    if not selects_lean(math.prod(shape)) or method.on != "deltas" or len(shape) == 0:
+        return False
+    if any(n is not None and n.transposed for n in norms):
+        return False
+    dtypes = [tensor_dtype, TORCH_DTYPES.get(base.dtype(name), torch.int64)]
+    for entry in recipe.models:
+        source = inputs[entry.model]
+        if isinstance(source, Checkpoint) and source.has(name):
+            dtypes.append(TORCH_DTYPES.get(source.dtype(name), torch.int64))
+    return chunked_merge_applies(recipe.merge_method, dtypes, options["score"], options["rescale"],
+                                 options["input_sq_norms"], tuple(shape))
+
+
+def _merge_blocks(recipe, base, inputs, name, tensor_dtype, weights, options, writer, out_dtype):
+    """Merge tensor ``name`` block by block, straight into ``writer``; the result record and the
+    fraction of entries changed."""
+    base_rows = base.rows(name)
+    readers, base_tensor = [], None
+    for entry in recipe.models:
+        source = inputs[entry.model]
+        if isinstance(source, LoraAdapter) and source.adapts(name):  # the LoRA product is made whole
+            if base_tensor is None:
+                base_tensor = base.tensor(name).to(tensor_dtype)
+            readers.append(TensorRows(_finetuned_tensor(source, name, base_tensor)))
+        elif isinstance(source, Checkpoint) and source.has(name):
+            readers.append(source.rows(name))
+        else:
+            readers.append(base_rows)
+    del base_tensor
+    result, blocks = merge_rows(recipe.merge_method, base_rows, readers, weights, dtype=tensor_dtype, **options)
+    changed = 0
+
+    def pieces():
+        nonlocal changed
+        for merged, base_block in blocks:
+            changed += int((merged != base_block).sum())
+            yield merged.to(out_dtype) if out_dtype else merged
+
+    writer.add_chunks(name, pieces())
+    numel = math.prod(base.shape(name))
+    return result, (torch.tensor(changed, dtype=torch.float32) / numel).item()
 
 
 def _takes(score: str | None, option: str) -> bool:

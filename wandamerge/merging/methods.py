@@ -251,6 +251,39 @@ def _norms_per_model(input_sq_norms, n: int) -> list:
     return norms
 
 
+def _per_model_options(spec: MergeMethod, n: int, weights, densities, gamma, epsilon, input_sq_norms, normalize):
+    """Weights, densities, gammas, epsilons and input norms, one per fine-tune, checked; and ``normalize``."""
+    if isinstance(weights, (int, float)):
+        weights = [weights] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} fine-tuned tensors")
+    densities = [check_density(d) for d in _per_model_values("densities", densities, n, default=1.0)]
+    gammas = _per_model_values("gamma values", gamma, n)
+    epsilons = _per_model_values("epsilon values", epsilon, n)
+    norms = _norms_per_model(input_sq_norms, n)
+    normalize = spec.normalize if normalize is None else bool(normalize)
+    return weights, densities, gammas, epsilons, norms, normalize
+
+
+def _delta_options(spec: MergeMethod, shape: tuple[int, ...], densities, norms, score, lambda_, rescale, group,
+                   pattern, gamma, epsilon):
+    """``lambda_``, ``rescale``, the sparsifier asked for and the one used (with why they differ) of a
+    method on deltas."""
+    lambda_ = 1.0 if lambda_ is None else float(lambda_)
+    rescale = spec.rescale if rescale is None else rescale
+    requested = spec.score if score is None else score
+    if requested is None:
+        unused = [k for k, v in {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}.items()
+                  if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
+        if unused:
+            raise ValueError(f"{spec.name} sparsifies nothing unless score= names a sparsifier; "
+                             f"got {', '.join(unused)}")
+        return lambda_, rescale, requested, None, None
+    chosen, reason = resolve_sparsifier(requested, shape, norms[0])
+    return lambda_, rescale, requested, chosen.name, reason
+
+
 def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
                           weights: Sequence[float] | float, densities: Sequence[float] | float | None = None, *,
                           score: str | None = None, lambda_: float | None = None, normalize: bool | None = None,
@@ -274,16 +307,8 @@ def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[t
             raise ValueError(f"shape mismatch: base {tuple(base.shape)}, finetuned[{i}] {tuple(t.shape)}")
     if not all(t.is_floating_point() for t in [base, *finetuned]):
         raise TypeError("merging needs floating-point tensors")
-    if isinstance(weights, (int, float)):
-        weights = [weights] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} fine-tuned tensors")
-    densities = [check_density(d) for d in _per_model_values("densities", densities, n, default=1.0)]
-    gammas = _per_model_values("gamma values", gamma, n)
-    epsilons = _per_model_values("epsilon values", epsilon, n)
-    norms = _norms_per_model(input_sq_norms, n)
-    normalize = spec.normalize if normalize is None else bool(normalize)
+    weights, densities, gammas, epsilons, norms, normalize = _per_model_options(
+        spec, n, weights, densities, gamma, epsilon, input_sq_norms, normalize)
     work = torch.float64 if any(t.dtype == torch.float64 for t in [base, *finetuned]) else torch.float32
 
     if spec.on == "weights":
@@ -296,39 +321,40 @@ def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[t
         merged = spec.fn(tensors, torch.tensor(weights, dtype=work), normalize)
         return MergeResult(merged.to(base.dtype), spec.name, None, None, None, normalize, False, 1.0)
 
-    lambda_ = 1.0 if lambda_ is None else float(lambda_)
-    rescale = spec.rescale if rescale is None else rescale
-    requested = spec.score if score is None else score
-    if requested is None:
-        unused = [k for k, v in {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}.items()
-                  if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
-        if unused:
-            raise ValueError(f"{spec.name} sparsifies nothing unless score= names a sparsifier; "
-                             f"got {', '.join(unused)}")
-        used, reason = None, None
-    else:
-        chosen, reason = resolve_sparsifier(requested, tuple(base.shape), norms[0])
-        used = chosen.name
+    lambda_, rescale, requested, used, reason = _delta_options(spec, tuple(base.shape), densities, norms, score,
+                                                               lambda_, rescale, group, pattern, gamma, epsilon)
 
     base_w = base.to(work)
     weight_t = torch.tensor(weights, dtype=work, device=base.device)
-    # One (n, *shape) stack filled in place: each sparsified delta is written, weighted, and dropped.
-    weighted = torch.empty((n, *base.shape), dtype=work, device=base.device)
-    for i, tensor in enumerate(finetuned):
-        delta = tensor.to(device=base.device, dtype=work) - base_w
-        if used is not None:
-            done = sparsify(requested, delta, density=densities[i], rescale=rescale, generator=generator,
-                            input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i],
-                            epsilon=epsilons[i])
-            delta, reason = done.delta, done.fallback_reason
-        torch.mul(delta, weight_t[i], out=weighted[i])
+
+    def sparsified(i: int) -> torch.Tensor:
+        nonlocal reason
+        delta = finetuned[i].to(device=base.device, dtype=work) - base_w
+        if used is None:
+            return delta
+        done = sparsify(requested, delta, density=densities[i], rescale=rescale, generator=generator,
+                        input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i], epsilon=epsilons[i])
+        reason = done.fallback_reason
+        return done.delta
+
+    merged = combine_deltas(spec, base_w, (sparsified(i) for i in range(n)), weight_t, normalize, lambda_)
+    return MergeResult(merged.to(base.dtype), spec.name, used, requested, reason, normalize, rescale, lambda_)
+
+
+def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: torch.Tensor, normalize: bool,
+                   lambda_: float) -> torch.Tensor:
+    """``base_w + lambda_ * combine(w_i * delta_i)`` for the sparsified ``deltas`` (an iterable, one
+    per weight, consumed in order) in ``base_w``'s dtype. One ``(n, *shape)`` stack is filled in place:
+    each delta is written, weighted, and dropped."""
+    weighted = torch.empty((len(weights), *base_w.shape), dtype=base_w.dtype, device=base_w.device)
+    for i, delta in enumerate(deltas):
+        torch.mul(delta, weights[i], out=weighted[i])
         del delta
-    mixed = _combine_in_chunks(spec, weighted, weight_t, normalize)
+    mixed = _combine_in_chunks(spec, weighted, weights, normalize)
     del weighted
     if lambda_ != 1:
         mixed.mul_(lambda_)
-    return MergeResult(mixed.add_(base_w).to(base.dtype), spec.name, used, requested, reason, normalize,
-                       rescale, lambda_)
+    return mixed.add_(base_w)
 
 
 _COMBINE_CHUNK = 1 << 20  # entries per model combined at a time

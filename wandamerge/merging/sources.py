@@ -96,6 +96,45 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise InputError(f"cannot read {name} from {file}: {exc}") from None
 
+    def rows(self, name: str) -> "FileRows":
+        """A reader of row ranges of tensor ``name`` (see :class:`FileRows`)."""
+        file = self.files[name]
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            info = json.loads(handle.read(length))[name]
+        shape, dtype = self._meta[name]
+        return FileRows(file, 8 + length + int(info["data_offsets"][0]), shape, TORCH_DTYPES[dtype])
+
+
+class TensorRows:
+    """Row ranges of an in-memory tensor, the interface of :class:`FileRows`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+
+class FileRows:
+    """Rows ``start:stop`` (along the first dimension) of one tensor of a safetensors file, read with
+    plain reads into a new buffer: no memory map, so only the rows asked for become resident."""
+
+    def __init__(self, file: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
+        self.file, self.offset, self.shape, self.dtype = Path(file), offset, tuple(shape), dtype
+        self.row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        size = (stop - start) * self.row_bytes
+        buffer = torch.empty(size, dtype=torch.uint8)
+        with open(self.file, "rb") as handle:
+            handle.seek(self.offset + start * self.row_bytes)
+            got = handle.readinto(buffer.numpy()) if size else 0
+        if got != size:
+            raise InputError(f"{self.file} ended inside a tensor: download or save the model again")
+        return buffer.view(self.dtype).reshape((stop - start, *self.shape[1:]))
+
 
 def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, safetensors dtype) from a shard's header, checked against the file size."""
@@ -294,6 +333,26 @@ class ShardWriter:
         data = tensor.detach().contiguous().cpu().reshape(-1)
         if data.numel():
             self.handle.write(data.view(torch.uint8).numpy())
+        self.position += 1
+
+    def add_chunks(self, name: str, chunks) -> None:
+        """Write the next planned tensor from ``chunks``: pieces of it in row-major order (of its
+        planned dtype), whose bytes together make the tensor's."""
+        expected, shape, dtype, shard = self.order[self.position]
+        if name != expected:
+            raise ValueError(f"writer expected {expected}, got {name}")
+        if shard != self.current:
+            self._open(shard)
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"writer expected {dtype} for {name}, got a {chunk.dtype} piece")
+            data = chunk.detach().contiguous().cpu().reshape(-1)
+            if data.numel():
+                self.handle.write(data.view(torch.uint8).numpy())
+            written += data.numel()
+        if written != math.prod(shape):
+            raise ValueError(f"writer got {written} entries for {name}, planned {tuple(shape)}")
         self.position += 1
 
     def close(self) -> None:

@@ -105,12 +105,24 @@ def _rank_key(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+LEAN_MIN_NUMEL = 1 << 24  # rows at least this long are selected by histograms (the same mask, bounded memory)
+SELECT_CHUNK = 1 << 22  # entries a histogram or mask pass handles at a time (few, large steps: fewer thread barriers)
+
+
+def selects_lean(numel: int) -> bool:
+    """Whether a selection over ``numel`` entries is large enough for :class:`TopCut`
+    (and a merge of a tensor that large goes block by block, :mod:`.chunked`)."""
+    return numel >= LEAN_MIN_NUMEL
+
+
 def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` highest scores in every row of a 2-D ``score``.
 
     Uses a selection (``kthvalue``), not a sort. Equal scores at the cut-off go
     to the lower column index first, so the result is the same every call and
-    equals "the first k of a stable descending sort".
+    equals "the first k of a stable descending sort". A float row of at least
+    :data:`LEAN_MIN_NUMEL` entries is selected by :class:`TopCut` instead
+    (kthvalue copies its input and allocates int64 indices: ~4.5 times the score).
     """
     rows, n = score.shape
     if k >= n:
@@ -118,6 +130,13 @@ def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     score = _rank_key(score)
+    if selects_lean(n) and score.dtype == torch.float32:
+        out = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+        for row, out_row in zip(score, out):
+            (cut,) = TopCut.find(lambda: _chunks(row), n, [k])
+            for chunk, out_chunk in zip(_chunks(row), _chunks(out_row)):
+                out_chunk.copy_(cut.mask(chunk))
+        return out
     threshold = score.kthvalue(n - k + 1, dim=1, keepdim=True).values  # the k-th largest of each row
     greater = score > threshold
     equal = score == threshold
@@ -125,6 +144,89 @@ def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     if bool((equal.sum(dim=1, keepdim=True) == need).all()):  # no tie at the cut-off: the usual case
         return greater | equal
     return greater | (equal & (equal.cumsum(dim=1) <= need))
+
+
+def _order_keys(score: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the float32 ``score`` (NaN-free), ``-0.0`` equal to ``0.0``: the bit
+    pattern's magnitude, negated for a negative number (``(bits ^ 0x7FFFFFFF) + 1`` there)."""
+    bits = score.reshape(-1).view(torch.int32)
+    negative = bits >> 31  # -1 for a negative number, else 0
+    return (bits ^ (negative & 0x7FFFFFFF)) - negative
+
+
+_HALF = 1 << 15  # the top 16 bits of a key, shifted to a bin index in [0, 2**16)
+
+
+def _chunks(row: torch.Tensor):
+    for start in range(0, row.numel(), SELECT_CHUNK):
+        yield row[start:start + SELECT_CHUNK]
+
+
+class TopCut:
+    """The ``k`` highest of ``n`` float32 scores, found in two histogram passes over chunks.
+
+    ``chunks()`` yields the scores in flat order (each call a new pass; float16 and
+    bfloat16 chunks are compared as float32). Pass 1 counts the top 16 bits of
+    the order keys (:func:`_order_keys`), pass 2 the low 16 bits inside the bin
+    holding the k-th highest: that gives its exact key and how many of the keys
+    equal to it are kept. :meth:`mask` then gives the keep-mask of each chunk
+    in turn, in flat order, keeping equal scores at the cut-off from the lowest
+    flat index on -- the mask :func:`top_mask` gives, without a full-size copy.
+    Several cuts of the same scores share their passes (:meth:`find`).
+    """
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k = n, k
+        self.key = None
+        self.left = 0  # entries equal to the cut-off still to keep
+
+    @property
+    def trivial(self) -> bool:
+        return self.k <= 0 or self.k >= self.n
+
+    @staticmethod
+    def find(chunks, n: int, ks) -> list["TopCut"]:
+        cuts = [TopCut(n, k) for k in ks]
+        todo = [cut for cut in cuts if not cut.trivial]
+        if not todo:
+            return cuts
+        high = torch.zeros(1 << 16, dtype=torch.int64)
+        for chunk in chunks():
+            high += torch.bincount((_order_keys(_rank_key(chunk)) >> 16) + _HALF, minlength=1 << 16)
+        above_high = high.flip(0).cumsum(0).flip(0)  # entries in this bin or a higher one
+        bins = {}
+        for cut in todo:
+            b = int((above_high >= cut.k).nonzero().max())
+            cut.key, cut.left = b, cut.k - int(above_high[b] - high[b])  # rank inside bin b
+            bins.setdefault(b, torch.zeros(1 << 16, dtype=torch.int64))
+        for chunk in chunks():
+            keys = _order_keys(_rank_key(chunk))
+            high_bits = keys >> 16
+            for b, low in bins.items():
+                low += torch.bincount(keys[high_bits == b - _HALF] & 0xFFFF, minlength=1 << 16)
+        for cut in todo:
+            low = bins[cut.key]
+            above_low = low.flip(0).cumsum(0).flip(0)
+            lo = int((above_low >= cut.left).nonzero().max())
+            cut.left -= int(above_low[lo] - low[lo])  # equal keys to keep after the greater ones
+            cut.key = (cut.key - _HALF) * (1 << 16) + lo
+        return cuts
+
+    def mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of the next chunk (flat, in order)."""
+        if self.trivial:
+            return torch.full((chunk.numel(),), self.k > 0, dtype=torch.bool)
+        keys = _order_keys(_rank_key(chunk))
+        greater = keys > self.key
+        equal = keys == self.key
+        if self.left <= 0:
+            return greater
+        ties = int(equal.sum())
+        if ties > self.left:
+            equal &= equal.cumsum(0) <= self.left
+            ties = self.left
+        self.left -= ties
+        return greater | equal
 
 
 def _group_keep(score: torch.Tensor, density: float, group: str, pattern: str | None) -> torch.Tensor:
@@ -362,26 +464,37 @@ def sparsify(name: str, delta: torch.Tensor, *, density: float, rescale: Rescale
     tensor-wise, and ``fallback_reason`` says so (as it says why a sparsifier
     needing input norms fell back to ``magnitude``).
     """
+    chosen, reason, group, pattern = plan_sparsify(name, tuple(delta.shape), density=density, rescale=rescale,
+                                                   input_sq_norms=input_sq_norms, group=group, pattern=pattern,
+                                                   gamma=gamma, epsilon=epsilon)
+    out = chosen.fn(delta, density=density, rescale=rescale, generator=generator, input_sq_norms=input_sq_norms,
+                    group=group, pattern=pattern, gamma=gamma, epsilon=epsilon)
+    return Sparsified(out, chosen.name, reason)
+
+
+def plan_sparsify(name: str, shape: tuple[int, ...], *, density: float, rescale: Rescale,
+                  input_sq_norms: torch.Tensor | None, group: str | None, pattern: str | None,
+                  gamma: float | None, epsilon: float | None) -> tuple[Sparsifier, str | None, str | None, str | None]:
+    """:func:`sparsify`'s checks for a delta of ``shape``: the sparsifier that applies, why it differs
+    from ``name`` (or ``None``), and the ``group`` and ``pattern`` it gets."""
     check_density(density)
     _rescale_mode(rescale)
     if group is not None and group not in GROUPS:
         raise ValueError(f"group {group!r} is not one of {GROUPS}")
     if pattern is not None:
         parse_pattern(pattern)
-    chosen, reason = resolve_sparsifier(name, tuple(delta.shape), input_sq_norms)
+    chosen, reason = resolve_sparsifier(name, shape, input_sq_norms)
     given = {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}
     refused = [key for key, value in given.items() if value is not None and key not in chosen.options]
     if refused:
         raise ValueError(f"sparsifier {chosen.name!r} takes no {', '.join(refused)} "
                          f"(it takes: {', '.join(sorted(chosen.options)) or 'none of ' + ', '.join(OPTION_NAMES)})")
-    if reason is not None and delta.ndim != 2:
+    if reason is not None and len(shape) != 2:
         group, pattern = None, None
-    elif pattern is not None and delta.ndim != 2:
-        reason = f"pattern {pattern} needs a matrix, got shape {tuple(delta.shape)}: trimmed without it"
+    elif pattern is not None and len(shape) != 2:
+        reason = f"pattern {pattern} needs a matrix, got shape {tuple(shape)}: trimmed without it"
         group, pattern = None, None
-    out = chosen.fn(delta, density=density, rescale=rescale, generator=generator, input_sq_norms=input_sq_norms,
-                    group=group, pattern=pattern, gamma=gamma, epsilon=epsilon)
-    return Sparsified(out, chosen.name, reason)
+    return chosen, reason, group, pattern
 
 
 @register_sparsifier("magnitude", options=("group", "pattern"))
