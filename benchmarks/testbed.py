@@ -43,13 +43,15 @@ sys.path.insert(0, str(REPO))
 # task -> how it is fine-tuned (steps at batch 8, learning rate, full or LoRA); budgets sized for 2 CPU cores
 FINETUNES = {
     "newsgroups": {"kind": "full", "steps": 30, "batch": 8, "lr": 2e-5},  # long prompts: fewer steps
-    "tweets": {"kind": "lora", "steps": 120, "batch": 8, "lr": 1e-3, "r": 16, "alpha": 32},
+    "tweets": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
     "analogy_semantic": {"kind": "full", "steps": 60, "batch": 8, "lr": 2e-5},
     "analogy_syntactic": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
 }
 # Tried and dropped: "polarity" (Pang & Lee, 120 training sentences) as a full fine-tune, 60 x 8 at lr 2e-5
 # and 40 x 8 at 5e-5: 0.787 and 0.775 against the base's 0.775 on its 80 test sentences -- too little data to
 # beat the base clearly, so it would say nothing about merging. It stays an evaluation task.
+# "tweets" gains 6 points (0.473 against 0.413, stderr 0.041): less than MIN_GAIN. A longer run (120 x 8 at
+# lr 1e-3) was started and stopped for time; the table says NO rather than hide it.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_GAIN = 0.10  # a fine-tune must beat the base on its own task by this much accuracy
 
