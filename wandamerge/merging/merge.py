@@ -8,7 +8,10 @@ The order of work:
    with the shared layer-by-layer runner and keep ``sum x_j^2`` per linear map
    (or through each fine-tune, with ``activations: finetuned``);
 4. stream the base's tensors one at a time: read the same tensor from every
-   input, sparsify each delta, combine, write to the output shard.
+   input, sparsify each delta, combine, write to the output shard. A tensor of
+   ``sparsify.LEAN_MIN_NUMEL`` entries or more (an embedding, an LM head) is
+   merged block of rows by block of rows where :mod:`.chunked` covers the
+   method, with the same result, so memory holds blocks, not tensors.
 """
 
 from __future__ import annotations
