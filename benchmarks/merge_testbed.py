@@ -9,8 +9,10 @@ scores: magnitude (TIES' trim), random (DARE's drop), wanda (|delta| * ||X||
 with X the base model's inputs on wiki calibration windows, per output row);
 densities 0.1, 0.2, 0.5; and 2:4 Wanda-scored deltas for every method. Every
 fine-tune has weight 1 and the density of its row; each method keeps its own
-defaults otherwise (normalize, rescale, breadcrumbs' gamma = 0.01 and DELLA's
-epsilon = 0.1 at densities where they fit). The merge goes through
+defaults otherwise (normalize, rescale). Breadcrumbs and DELLA also run with
+their own scores (breadcrumbs' gamma = 0.01, DELLA's epsilon = min(0.1,
+density / 2)); those parameters belong to the scores, so the other scores run
+without them. The merge goes through
 `wandamerge.merge`; the evaluation is zero-shot multiple choice by
 log-likelihood on the first ``--limit`` examples of each task's test split
 (`wandamerge.evaluation.choices`: lm-eval's ``acc``, checked equal by the
@@ -49,7 +51,8 @@ TASKS = ["newsgroups", "tweets", "analogy_semantic", "analogy_syntactic"]  # the
 
 def grid() -> list[tuple[str, str, str]]:
     """(method, score, density or '2:4'), the most informative first."""
-    runs = [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in SCORES]
+    own = {"breadcrumbs": ["breadcrumbs"], "della": ["della"]}  # their papers' own scores as well
+    runs = [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in SCORES + own.get(m, [])]
     return runs + [(m, "wanda", "2:4") for m in METHODS]
 
 
@@ -57,9 +60,9 @@ def recipe_for(method: str, score: str, shape: str, base: str, finetunes: dict[s
     params: dict = {"weight": 1.0}
     if shape != "2:4":
         params["density"] = float(shape)
-    if method == "breadcrumbs" and shape != "2:4":
+    if score == "breadcrumbs":  # gamma and epsilon belong to those scores, not to the methods
         params["gamma"] = 0.01
-    if method == "della" and shape != "2:4":
+    if score == "della":
         params["epsilon"] = min(0.1, float(shape) / 2, (1 - float(shape)) / 2)
     recipe = {"merge_method": method, "base_model": base,
               "models": [{"model": finetunes[t], "parameters": dict(params)} for t in TASKS], "dtype": "float32",
@@ -116,7 +119,7 @@ def main() -> None:
     results_path = HERE / "results" / "merge_testbed.json"
     rows: list[dict] = []
     if args.resume and results_path.is_file():
-        rows = json.loads(results_path.read_text())["rows"]
+        rows = [r for r in json.loads(results_path.read_text())["rows"] if "error" not in r]  # retry failures
     done = {r["name"] for r in rows}
 
     def accuracies(spec: str) -> dict[str, dict]:
