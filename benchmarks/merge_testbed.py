@@ -215,9 +215,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             if o:
                 compare.append((method, shape, other, r["normalized_mean"] - o["normalized_mean"]))
     if compare:
-        wins = sum(d > 0 for *_, d in compare)
+        wins = sum(d > 1e-9 for *_, d in compare)
+        ties = sum(abs(d) <= 1e-9 for *_, d in compare)
         lines += ["", "## Wanda against magnitude and random at the same method and density", "",
-                  f"Wanda's normalized mean is higher in {wins} of {len(compare)} pairs.", "",
+                  f"Wanda's normalized mean is higher in {wins} of {len(compare)} pairs, equal in {ties}.", "",
                   "| method | density | against | wanda minus other |", "|---|---|---|---|"]
         lines += [f"| {m} | {s} | {o} | {d:+.3f} |" for m, s, o, d in compare]
     return "\n".join(lines) + "\n"
