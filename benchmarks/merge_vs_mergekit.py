@@ -1,13 +1,23 @@
-"""Data-free TIES on SmolLM2-135M with three fine-tunes: wandamerge against mergekit 0.1.5, one run.
+"""The data-free merge methods on SmolLM2-135M with three fine-tunes: wandamerge against mergekit 0.1.5, one run.
 
-The three "fine-tunes" here are the base plus seeded Gaussian changes (1% of each
-tensor's standard deviation): fine for measuring speed, memory and agreement
-(the deltas have no ties at the density cut-off), not a statement about
-merge quality. Each tool runs as its own process; wall time and peak RSS are
-those of that process tree. The floor is a process that reads every input
-tensor and writes an output of the same size.
+Every method both tools have (task arithmetic, TIES, DARE-TIES, DARE-linear,
+breadcrumbs, breadcrumbs-TIES, DELLA, DELLA-linear) runs from the same
+mergekit YAML in both tools, one after the other, in the same run. mergekit
+runs from its own virtual environment under the benchmark cache (created from
+PyPI if missing). The three "fine-tunes" are the base plus seeded Gaussian
+changes (1% of each tensor's standard deviation): fine for measuring speed,
+memory and agreement, not a statement about merge quality. Each tool runs as
+its own process; wall time and peak RSS are those of that process tree. The
+floor is a process that reads every input tensor and writes an output of the
+same size.
 
-    python benchmarks/merge_vs_mergekit.py [--repeats 2]
+Deterministic methods should agree to float32 rounding (up to ties at a
+density cut-off, counted and explained). DARE and DELLA drop at random, and
+the two tools draw from different generators, so their outputs differ by
+design; for them the table compares how many entries each keeps and how far
+apart the merged deltas are relative to their size.
+
+    python benchmarks/merge_vs_mergekit.py [--repeats 1] [--only ties]
 """
 
 from __future__ import annotations
@@ -28,6 +38,20 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
+MERGEKIT_REQUIREMENT = "mergekit==0.1.5"
+
+# method -> extra per-model parameters (besides weight 1 and the density); the same YAML goes to both tools
+METHODS: dict[str, dict] = {
+    "task_arithmetic": {},
+    "ties": {},
+    "dare_ties": {},
+    "dare_linear": {},
+    "breadcrumbs": {"gamma": 0.01},
+    "breadcrumbs_ties": {"gamma": 0.01},
+    "della": {"epsilon": 0.1},
+    "della_linear": {"epsilon": 0.1},
+}
+STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 MEASURE = """
 import resource, subprocess, sys, time
@@ -117,31 +141,64 @@ def explain_differences(ours: Path, theirs: Path, base: Path, finetunes: list[Pa
     return {"tensors": len(names), "differing": differing, "differing_with_ties_at_cutoff": explained}
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
+def compare_outputs(ours: Path, theirs: Path, base: Path) -> dict:
+    """Max |ours - theirs|, differing tensors and entries, kept entries and the relative distance of the deltas."""
     from safetensors import safe_open
 
-    def files(p):
-        return sorted(p.glob("*.safetensors"))
+    def index(path):
+        found = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as h:
+                found.update({k: file for k in h.keys()})
+        return found
 
-    ours = {}
-    for f in files(a):
-        with safe_open(f, "pt") as h:
-            ours.update({k: f for k in h.keys()})
-    worst = 0.0
-    for f in files(b):
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                with safe_open(ours[k], "pt") as o:
-                    worst = max(worst, (o.get_tensor(k).float() - h.get_tensor(k).float()).abs().max().item())
-    return worst
+    ours_at, theirs_at, base_at = index(ours), index(theirs), index(base)
+    worst, tensors, entries, kept_ours, kept_theirs, total, dist2, norm2 = 0.0, 0, 0, 0, 0, 0, 0.0, 0.0
+    for name, file in theirs_at.items():
+        with safe_open(ours_at[name], "pt") as o, safe_open(file, "pt") as t, safe_open(base_at[name], "pt") as b:
+            a, c, base_t = o.get_tensor(name).float(), t.get_tensor(name).float(), b.get_tensor(name).float()
+        if not torch.equal(a, c):
+            tensors += 1
+            entries += int((a != c).sum())
+            worst = max(worst, (a - c).abs().max().item())
+        da, dc = a - base_t, c - base_t
+        kept_ours += int((da != 0).sum())
+        kept_theirs += int((dc != 0).sum())
+        total += da.numel()
+        dist2 += float((da - dc).pow(2).sum())
+        norm2 += float(dc.pow(2).sum())
+    return {"max_abs_diff": worst, "differing_tensors": tensors, "tensors": len(theirs_at), "differing_entries": entries,
+            "kept_fraction_wandamerge": kept_ours / total, "kept_fraction_mergekit": kept_theirs / total,
+            "relative_delta_distance": (dist2 / norm2) ** 0.5 if norm2 else 0.0}
+
+
+def mergekit_executable(work: Path) -> Path:
+    """mergekit-yaml from its own virtual environment under the benchmark cache, built from PyPI when missing."""
+    venv = work.parent / "mergekit-venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU wheel; unpinned pulls a CUDA build
+        subprocess.run([*pip, MERGEKIT_REQUIREMENT], check=True)
+    return exe
+
+
+def venv_versions(python: Path, packages: list[str]) -> dict:
+    code = ("import json, importlib.metadata as m; import sys; "
+            "print(json.dumps({p: m.version(p) for p in sys.argv[1:]}))")
+    done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/merge"))
     parser.add_argument("--density", type=float, default=0.2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--mergekit", default=str(BIN / "mergekit-yaml"), help="mergekit-yaml executable")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", action="append", choices=list(METHODS), help="these methods only (repeatable)")
+    parser.add_argument("--mergekit", default=None,
+                        help="mergekit-yaml executable [default: its own venv under the benchmark cache]")
     args = parser.parse_args()
 
     from wandamerge.models import prepare_smollm2
@@ -150,64 +207,120 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = Path(prepare_smollm2())
     finetunes = make_finetunes(base, work)
-    recipe = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
-              "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": args.density}} for p in finetunes]}
-    recipe_path = work / "ties.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    mergekit = Path(args.mergekit) if args.mergekit else mergekit_executable(work)
+    methods = args.only or list(METHODS)
 
-    runs = {"wandamerge": [], "mergekit": [], "floor": []}
+    floor_runs = []
     for _ in range(args.repeats):
-        for tool in runs:
-            out = work / f"out-{tool}"
-            shutil.rmtree(out, ignore_errors=True)
-            if tool == "wandamerge":
-                cmd = [str(BIN / "wandamerge"), "-q", "merge", str(recipe_path), "-o", str(out)]
-            elif tool == "mergekit":
-                cmd = [args.mergekit, str(recipe_path), str(out)]
-            else:
-                cmd = [sys.executable, "-c", FLOOR, str(base), *map(str, finetunes), str(out)]
-            wall, rss = measure(cmd)
-            runs[tool].append({"wall_s": wall, "peak_rss_bytes": rss})
-            print(f"{tool}: {wall:.1f} s, {rss / 1e9:.2f} GB", flush=True)
+        out = work / "out-floor"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = measure([sys.executable, "-c", FLOOR, str(base), *map(str, finetunes), str(out)])
+        floor_runs.append({"wall_s": wall, "peak_rss_bytes": rss})
+    print(f"floor: {min(r['wall_s'] for r in floor_runs):.1f} s", flush=True)
 
-    diff = max_abs_diff(work / "out-wandamerge", work / "out-mergekit")
-    ties = explain_differences(work / "out-wandamerge", work / "out-mergekit", base, finetunes, args.density)
-    import mergekit  # noqa: F401  (version record)
+    rows = {}
+    for method in methods:
+        recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+                  "models": [{"model": str(p), "parameters": {"weight": 1.0, **(
+                      {} if method == "task_arithmetic" else {"density": args.density}), **METHODS[method]}}
+                             for p in finetunes]}
+        if method.startswith("della"):
+            recipe["parameters"] = {"lambda": 1.0}
+        recipe_path = work / f"{method}.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        runs = {"wandamerge": [], "mergekit": []}
+        failures = {}
+        for _ in range(args.repeats):
+            for tool in runs:
+                out = work / f"out-{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = ([str(BIN / "wandamerge"), "-q", "merge", str(recipe_path), "-o", str(out)] if tool == "wandamerge"
+                       else [str(mergekit), str(recipe_path), str(out)])
+                try:
+                    wall, rss = measure(cmd)
+                except RuntimeError as err:  # a peer failure is recorded exactly as it happened
+                    failures[tool] = str(err)
+                    print(f"{method} {tool}: FAILED\n{err}", flush=True)
+                    break
+                runs[tool].append({"wall_s": wall, "peak_rss_bytes": rss})
+                print(f"{method} {tool}: {wall:.1f} s, {rss / 1e9:.2f} GB", flush=True)
+        row = {"recipe": recipe, "runs": runs, "failures": failures, "stochastic": method in STOCHASTIC}
+        if not failures:
+            row["comparison"] = compare_outputs(work / "out-wandamerge", work / "out-mergekit", base)
+            if method == "ties":
+                row["ties_explained"] = explain_differences(work / "out-wandamerge", work / "out-mergekit", base,
+                                                            finetunes, args.density)
+        rows[method] = row
+
     from importlib.metadata import version
 
-    best = {tool: min(r["wall_s"] for r in rs) for tool, rs in runs.items()}
-    peak = {tool: max(r["peak_rss_bytes"] for r in rs) for tool, rs in runs.items()}
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "versions": {"mergekit": version("mergekit"), "wandamerge": version("wandamerge"),
-                         "torch": version("torch"), "transformers": version("transformers")},
-            "command": "python benchmarks/merge_vs_mergekit.py " + " ".join(sys.argv[1:]), "recipe": recipe}
-    result = {"meta": meta, "runs": runs, "max_abs_diff": diff, "best_wall_s": best, "peak_rss_bytes": peak,
-              "differences": ties}
+            "versions": {"wandamerge": version("wandamerge"), "torch": version("torch"),
+                         "transformers": version("transformers")},
+            "mergekit": {"executable": str(mergekit),
+                         **venv_versions(mergekit.parent / "python", ["mergekit", "torch", "transformers"])},
+            "command": "python benchmarks/merge_vs_mergekit.py " + " ".join(sys.argv[1:]),
+            "density": args.density, "repeats": args.repeats}
+    result = {"meta": meta, "floor": floor_runs, "methods": rows}
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "merge_vs_mergekit.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# TIES (density {args.density}) on SmolLM2-135M + 3 fine-tunes: wandamerge vs mergekit "
+    (results / "merge_vs_mergekit.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    meta, floor = result["meta"], result["floor"]
+    floor_wall = min(r["wall_s"] for r in floor)
+    floor_rss = max(r["peak_rss_bytes"] for r in floor)
+    mk = meta["mergekit"]
+    lines = [f"# Data-free merges (density {meta['density']}) on SmolLM2-135M + 3 fine-tunes: wandamerge vs mergekit "
              f"({meta['date']}, commit {meta['commit']})", "",
              f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
-             f"- versions: {meta['versions']}",
-             "- fine-tunes: the base plus seeded Gaussian changes (1% of each tensor's std), fp32 safetensors",
-             f"- runs per tool: {args.repeats}; wall = best run, peak RSS = largest run, each tool its own process",
-             "", "| tool | wall s | peak RSS GB | wall vs mergekit | memory vs mergekit |", "|---|---|---|---|---|"]
-    for tool in runs:
-        lines.append(f"| {tool} | {best[tool]:.1f} | {peak[tool] / 1e9:.2f} | {best[tool] / best['mergekit']:.2f} | "
-                     f"{peak[tool] / peak['mergekit']:.2f} |")
-    entries = sum(d["entries"] for d in ties["differing"])
-    lines += ["", f"Largest absolute difference between wandamerge's and mergekit's output tensors: {diff:.3g}. "
-              f"{len(ties['differing'])} of {ties['tensors']} tensors differ, in {entries} entries in all; "
-              f"{ties['differing_with_ties_at_cutoff']} of those tensors have equal |delta| values at a fine-tune's "
-              f"density cut-off (float32 rounding of base + noise puts deltas on a grid), where mergekit's argsort "
-              f"keeps an arbitrary one and wandamerge the lowest index. Every other tensor is bit-identical.",
-              "", "floor = one process that reads every input tensor and writes an output of the same size.", ""]
-    (results / "merge_vs_mergekit.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+             f"- wandamerge side: {meta['versions']}",
+             f"- mergekit side (own venv, `{mk['executable']}`): mergekit {mk['mergekit']}, torch {mk['torch']}, "
+             f"transformers {mk['transformers']}",
+             "- fine-tunes: the base plus seeded Gaussian changes (1% of each tensor's std), fp32 safetensors; "
+             "every model has weight 1; breadcrumbs gamma 0.01; DELLA epsilon 0.1, lambda 1",
+             f"- runs per tool and method: {meta['repeats']}; wall = best run, peak RSS = largest run, each tool its "
+             f"own process, one after the other",
+             f"- floor (read every input tensor, write an output of the same size): {floor_wall:.1f} s, "
+             f"{floor_rss / 1e9:.2f} GB", "",
+             "| method | wandamerge s | mergekit s | wall ratio | wandamerge GB | mergekit GB | memory ratio | "
+             "max abs diff | differing tensors | kept (ours / mergekit) | relative delta distance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for method, row in result["methods"].items():
+        if row["failures"]:
+            lines.append(f"| {method} | failed in {', '.join(row['failures'])} (see the notes) |" + " — |" * 9)
+            notes += [f"- **{method}** failed in {', '.join(row['failures'])}:", "", "```",
+                      *[f"{tool}: {err.strip()}" for tool, err in row["failures"].items()], "```"]
+            continue
+        ours, theirs = row["runs"]["wandamerge"], row["runs"]["mergekit"]
+        w_o, w_t = min(r["wall_s"] for r in ours), min(r["wall_s"] for r in theirs)
+        m_o, m_t = max(r["peak_rss_bytes"] for r in ours), max(r["peak_rss_bytes"] for r in theirs)
+        c = row["comparison"]
+        lines.append(f"| {method}{' (random)' if row['stochastic'] else ''} | {w_o:.1f} | {w_t:.1f} | {w_o / w_t:.2f} | "
+                     f"{m_o / 1e9:.2f} | {m_t / 1e9:.2f} | {m_o / m_t:.2f} | {c['max_abs_diff']:.3g} | "
+                     f"{c['differing_tensors']} of {c['tensors']} | {c['kept_fraction_wandamerge']:.4f} / "
+                     f"{c['kept_fraction_mergekit']:.4f} | {c['relative_delta_distance']:.3g} |")
+        if "ties_explained" in row:
+            t = row["ties_explained"]
+            notes.append(f"- **ties**: {len(t['differing'])} of {t['tensors']} tensors differ, in "
+                         f"{sum(d['entries'] for d in t['differing'])} entries; {t['differing_with_ties_at_cutoff']} of "
+                         f"those tensors have equal |delta| values at a fine-tune's density cut-off (float32 rounding "
+                         f"of base + noise puts deltas on a grid), where mergekit's argsort keeps an arbitrary one "
+                         f"and wandamerge the lowest index.")
+    lines += ["", "wall ratio and memory ratio: wandamerge / mergekit (below 1: wandamerge is faster or leaner). "
+              "kept: the fraction of entries where the merged model differs from the base. relative delta "
+              "distance: ||merged_ours - merged_mergekit|| / ||merged_mergekit - base||. Random methods (DARE, DELLA) "
+              "draw different masks in the two tools, so only their kept fraction and scale should agree.", ""]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

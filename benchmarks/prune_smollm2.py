@@ -234,8 +234,33 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         for r in rows:
             if r["name"].startswith("wanda") and "wall_s" in r:
                 lines.append(f"- {r['name']}: {r['wall_s'] / f['wall_s']:.2f}x the floor")
+    lines += side_by_side(rows)
     lines.append("")
     return "\n".join(lines)
+
+
+def side_by_side(rows: list[dict]) -> list[str]:
+    """Each llm-compressor row against wandamerge's row of the same method and pattern from the same run."""
+    by_name = {r["name"]: r for r in rows}
+    pairs = [(r, by_name.get(r["name"].removeprefix("llmcompressor-"))) for r in rows
+             if r["name"].startswith("llmcompressor-") and "ppl" in r]
+    pairs = [(peer, ours) for peer, ours in pairs if ours and "wall_s" in ours]
+    if not pairs:
+        return []
+    versions = pairs[0][0].get("stages", {}).get("versions", {})
+    lines = ["", "## Side by side with llm-compressor (this run, same windows, perplexity by the same `wandamerge ppl`)",
+             ""]
+    if versions:
+        lines += [f"llm-compressor side (its own venv): {', '.join(f'{k} {v}' for k, v in versions.items())}", ""]
+    lines += ["| config | perplexity (ours / llm-compressor) | wall s (ours / llm-compressor) | wall ratio | "
+              "peak RSS GB (ours / llm-compressor) | memory ratio |", "|---|---|---|---|---|---|"]
+    for peer, ours in pairs:
+        lines.append(f"| {ours['name']} | {ours['ppl']:.2f} / {peer['ppl']:.2f} | {ours['wall_s']:.1f} / "
+                     f"{peer['wall_s']:.1f} | {ours['wall_s'] / peer['wall_s']:.2f} | {ours['peak_rss_gb']:.2f} / "
+                     f"{peer['peak_rss_gb']:.2f} | {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f} |")
+    lines += ["", "Ratios are wandamerge / llm-compressor: below 1, wandamerge is faster or leaner. Wall time is "
+              "end to end (process start to saved model) for both."]
+    return lines
 
 
 if __name__ == "__main__":

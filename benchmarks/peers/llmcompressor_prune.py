@@ -14,6 +14,7 @@ import time
 
 t_start = time.perf_counter()
 import torch  # noqa: E402
+from importlib.metadata import version  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -40,4 +41,6 @@ tokenizer.save_pretrained(out_dir)
 t3 = time.perf_counter()
 print(json.dumps({"load_s": t1 - t0, "oneshot_s": t2 - t1, "save_s": t3 - t2, "in_process_s": t3 - t0,
                   "imports_s": t0 - t_start,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "torch",
+                                                       "transformers")}}))
