@@ -43,15 +43,16 @@ sys.path.insert(0, str(REPO))
 # task -> how it is fine-tuned (steps at batch 8, learning rate, full or LoRA); budgets sized for 2 CPU cores
 FINETUNES = {
     "newsgroups": {"kind": "full", "steps": 30, "batch": 8, "lr": 2e-5},  # long prompts: fewer steps
-    "tweets": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
+    "tweets": {"kind": "full", "steps": 150, "batch": 8, "lr": 5e-5},
     "analogy_semantic": {"kind": "full", "steps": 60, "batch": 8, "lr": 2e-5},
     "analogy_syntactic": {"kind": "lora", "steps": 80, "batch": 8, "lr": 5e-4, "r": 16, "alpha": 32},
 }
 # Tried and dropped: "polarity" (Pang & Lee, 120 training sentences) as a full fine-tune, 60 x 8 at lr 2e-5
 # and 40 x 8 at 5e-5: 0.787 and 0.775 against the base's 0.775 on its 80 test sentences -- too little data to
 # beat the base clearly, so it would say nothing about merging. It stays an evaluation task.
-# "tweets" gains 6 points (0.473 against 0.413, stderr 0.041): less than MIN_GAIN. A longer run (120 x 8 at
-# lr 1e-3) was started and stopped for time; the table says NO rather than hide it.
+# "tweets" as a LoRA adapter (r=16, 80 x 8 at lr 5e-4) gained 6 points (0.473 against 0.413, stderr 0.041):
+# less than MIN_GAIN, its loss stayed near ln 3. It is now a full fine-tune with more steps (chosen once, a
+# priori, not searched on the test split); analogy_syntactic remains the LoRA adapter.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_GAIN = 0.10  # a fine-tune must beat the base on its own task by this much accuracy
 
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rebuild every fine-tune")
     parser.add_argument("--only", action="append", help="these tasks only")
     args = parser.parse_args()
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
 
     from wandamerge.evaluation.choices import choice_accuracy
     from wandamerge.evaluation.tasks import read_examples
