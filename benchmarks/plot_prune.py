@@ -39,6 +39,27 @@ def parse(name: str) -> dict | None:
             "calib": int(calib) if calib else 128}
 
 
+def time_table() -> list[str]:
+    """End-to-end and decision-only time per method, and Wanda against the floor, from the main run alone
+    (the analysis runs shared the machine with other jobs, so their times are not comparable)."""
+    path = RESULTS / "prune_smollm2.json"
+    if not path.is_file():
+        return []
+    main_rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
+    floor = next((r for r in main_rows.values() if r["name"].startswith("floor")), None)
+    lines = ["## Time (from `prune_smollm2.md`, the run with the machine to itself)", "",
+             "| config | end to end s | pruning decision alone s | end to end / floor |", "|---|---|---|---|"]
+    for name, r in main_rows.items():
+        if "wall_s" not in r or name.startswith("floor"):
+            continue
+        ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else ""
+        lines.append(f"| {name} | {r['wall_s']:.1f} | {r.get('decision_s', 0):.2f} | {ratio} |")
+    if floor:
+        lines += ["", f"Floor: one process that loads the model, runs one plain decoder forward over the same 128 "
+                      f"calibration windows and saves it: {floor['wall_s']:.1f} s."]
+    return lines + [""]
+
+
 def main() -> None:
     from wandamerge.report import Run, _finish, _pyplot, plot_perplexity
 
@@ -86,6 +107,7 @@ def main() -> None:
               "|---|---|---|", f"| magnitude (per tensor) | {ppl('magnitude-tensor-50')} | "
               f"{ppl('magnitude-tensor-50-update')} |", f"| Wanda | {ppl('wanda-50')} | {ppl('wanda-50-update')} |",
               f"| SparseGPT (its own update) | {ppl('sparsegpt-50')} | |", ""]
+    lines += time_table()
     (RESULTS / "prune_smollm2_analyses_tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

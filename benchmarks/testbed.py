@@ -6,9 +6,9 @@
 Tasks come from ``wandamerge.evaluation.tasks`` (real data that installs from PyPI;
 see that module for sources and splits). Each fine-tune learns to put its
 answer after the prompt: the loss is the cross-entropy of the right choice's
-tokens only. Two are full fine-tunes of every decoder linear map, norm and
-bias (embeddings and the tied head frozen), two are PEFT LoRA adapters on the
-attention and MLP maps. Seeds are fixed. Every fine-tune is then evaluated on
+tokens only. Three are full fine-tunes of every decoder linear map, norm and
+bias (embeddings and the tied head frozen), one (analogy_syntactic) is a PEFT
+LoRA adapter on the attention and MLP maps. Seeds are fixed. Every fine-tune is then evaluated on
 its own task's test split next to the base model (log-likelihood multiple
 choice, `wandamerge.evaluation.choices`: the same numbers as lm-eval's ``acc``,
 which the tests check, at a fraction of its cost on a CPU), and the
