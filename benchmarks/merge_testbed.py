@@ -50,10 +50,11 @@ TASKS = ["newsgroups", "tweets", "analogy_semantic", "analogy_syntactic"]  # the
 
 
 def grid() -> list[tuple[str, str, str]]:
-    """(method, score, density or '2:4'), the most informative first."""
+    """(method, score, density or '2:4'): the issue's grid first, then breadcrumbs' and DELLA's own scores."""
     own = {"breadcrumbs": ["breadcrumbs"], "della": ["della"]}  # their papers' own scores as well
-    runs = [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in SCORES + own.get(m, [])]
-    return runs + [(m, "wanda", "2:4") for m in METHODS]
+    runs = [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in SCORES]
+    runs += [(m, "wanda", "2:4") for m in METHODS]
+    return runs + [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in own.get(m, [])]
 
 
 def recipe_for(method: str, score: str, shape: str, base: str, finetunes: dict[str, str], calib: dict) -> dict:
