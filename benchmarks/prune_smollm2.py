@@ -136,8 +136,8 @@ def main() -> None:
     names = args.only or list(CONFIGS) + ["floor"]
     rows = []
     previous = HERE / "results" / f"{args.tag}.json"
-    if args.resume and previous.is_file():  # keep the rows already measured, run the rest
-        rows = [r for r in json.loads(previous.read_text())["rows"] if r["name"] in names]
+    if args.resume and previous.is_file():  # keep every row already measured (named or not), run the rest
+        rows = json.loads(previous.read_text())["rows"]
         names = [n for n in names if n not in {r["name"] for r in rows}]
 
     for name in names:
