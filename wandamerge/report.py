@@ -215,20 +215,42 @@ def plot_task_accuracy(runs: list[Run], path: Path) -> Path | None:
 
 
 def plot_normalized(runs: list[Run], path: Path) -> Path | None:
-    """Normalized accuracy (merged / fine-tuned, mean over tasks) against density per method and score."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+    """Normalized accuracy (merged / fine-tuned, mean over tasks) against density: a panel per method, a line
+    per score (the same colour for a score in every panel), so a grid of methods x scores stays readable."""
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for r in runs:
         if r.job == "merge" and r.normalized is not None and r.density is not None:
-            lines.setdefault(f"{r.method} / {r.score}", []).append((r.density, r.normalized))
-    if not lines:
+            panels.setdefault(r.method or "merge", {}).setdefault(r.score or "default", []).append(
+                (r.density, r.normalized))
+    if not panels:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for label, pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    return _finish(fig, ax, path, "Normalized accuracy against density",
-                   "density (fraction of each task vector kept)", "normalized accuracy (merged / fine-tuned)")
+    scores = sorted({score for lines in panels.values() for score in lines})
+    colours = {score: f"C{i % 10}" for i, score in enumerate(scores)}
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows + 0.6), dpi=110, sharey=True,
+                             squeeze=False)
+    for ax, (method, lines) in zip(axes.flat, sorted(panels.items())):
+        for score, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colours[score], label=score)
+        ax.set_title(method, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("density (fraction kept)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("normalized accuracy")
+    handles = [plt.Line2D([], [], color=colours[s], marker="o", label=s) for s in scores]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(scores), 6), fontsize=8, frameon=False)
+    fig.suptitle("Normalized accuracy (merged / fine-tuned, mean over tasks) against density")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_layer_sparsity(runs: list[Run], path: Path) -> Path | None:
