@@ -26,6 +26,7 @@ demo: $(STAMP)
 		-o $(CACHE)/runs/smollm2-wanda-50 --overwrite
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -36,15 +36,48 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"]
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, num_layers: int | None = None):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    config = tiny_config(arch)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    model = AutoModelForCausalLM.from_config(config).eval()
     # Random init gives near-identical tiny weights; spread them so masks are decisive.
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.2)
     return model
+
+
+def finetune_of(base, seed: int, scale: float = 0.05):
+    """A 'fine-tune': the base plus a random, seeded change of every tensor."""
+    model = AutoModelForCausalLM.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def save(model, path):
+    """The model and the word tokenizer in a transformers directory."""
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def tensors(path) -> dict:
+    """Every tensor of a saved model, by name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
 
 
 def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import sys
@@ -17,7 +16,8 @@ import wandamerge
 from wandamerge import export
 from wandamerge.export import check_2of4, conversion_problem, to_semi_structured
 from wandamerge.models import block_linears, decoder_blocks
-from wandamerge.pruning import magnitude_score, nm_mask
+from wandamerge.core.scores import magnitude_score
+from wandamerge.core.selection import keep_n_of_m
 
 from conftest import VOCAB, tiny_model
 
@@ -36,7 +36,7 @@ def brute_force_2of4(w: torch.Tensor) -> bool:
 
 
 def pruned_2of4(w: torch.Tensor) -> torch.Tensor:
-    return w.masked_fill(nm_mask(magnitude_score(w), 2, 4), 0)
+    return w * keep_n_of_m(magnitude_score(w), 2, 4)
 
 
 def test_check_2of4_matches_brute_force():
@@ -189,23 +189,22 @@ def test_unsupported_dtype_shape_and_conv1d_are_reported(cpu_as_gpu):
         to_semi_structured(model, backend="triton")
 
 
-# --- the benchmark's CPU dry run
+# --- the benchmark's CPU dry run, as a program (tests do not import benchmark scripts)
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_sparse", REPO / "benchmarks" / "gpu_sparse.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+def _run_benchmark(*args: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, "benchmarks/gpu_sparse.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
 
 
-def test_benchmark_dry_run_writes_json_and_markdown(tmp_path, capsys):
-    bench = _load_benchmark()
-    record = bench.main(["--dry-run", "--out", str(tmp_path)])
+def test_benchmark_dry_run_writes_json_and_markdown(tmp_path):
+    done = _run_benchmark("--dry-run", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_sparse.json").read_text())
-    assert data["meta"]["mode"] == "dry-run" and data["meta"]["torch"] == torch.__version__
+    assert data["meta"]["mode"] == "dry-run" and data["meta"]["versions"]["torch"] == torch.__version__
     assert data["meta"]["clock"] == "time.perf_counter" and data["meta"]["date"]
-    assert record["meta"]["command"].endswith("--dry-run --out " + str(tmp_path))
+    assert data["meta"]["command"].startswith("python benchmarks/gpu_sparse.py --dry-run --out ")
 
     matmul = data["results"]["matmul"]
     assert [(r["out"], r["in"], r["tokens"]) for r in matmul] == [
@@ -229,15 +228,14 @@ def test_benchmark_dry_run_writes_json_and_markdown(tmp_path, capsys):
     assert "| float32 | 256x128 (gate/up proj (tiny)) | 16 |" in md
     assert "| dense |" in md and "| sparsegpt | 2:4 |" in md
     assert "skipped: semi-structured sparse tensors need a CUDA device" in md
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in done.stdout
 
 
 def test_benchmark_refuses_to_dry_run_into_real_results():
-    bench = _load_benchmark()
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--dry-run", "--out", str(REPO / "benchmarks" / "results")])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--dry-run", "--parts", "matmul,bogus"])
+    done = _run_benchmark("--dry-run", "--out", "benchmarks/results")
+    assert done.returncode == 2 and "never writes to benchmarks/results" in done.stderr
+    done = _run_benchmark("--dry-run", "--parts", "matmul,bogus")
+    assert done.returncode == 2 and "unknown part 'bogus'" in done.stderr
 
 
 # --- on a GPU only

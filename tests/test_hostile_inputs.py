@@ -230,9 +230,9 @@ def test_lora_adapter_made_for_another_architecture(work):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if a merge input is opened or a model loaded."""
-    import wandamerge.merging.inputs as inputs
-    import wandamerge.merging.merge as merge_module
-    import wandamerge.merging.sources as sources
+    import wandamerge.io.adapters as adapters
+    import wandamerge.jobs.merge as merge_module
+    import wandamerge.jobs.merge_inputs as inputs
     import wandamerge.models as models
 
     calls = []
@@ -244,8 +244,8 @@ def no_loading(monkeypatch):
         return fn
 
     for module, name in [(merge_module, "merge"), (merge_module, "load_model"), (merge_module, "open_input"),
-                         (merge_module, "local_model_dir"), (models, "load_model"), (sources, "open_input"),
-                         (inputs, "local_model_dir")]:
+                         (merge_module, "local_model_dir"), (models, "load_model"), (adapters, "open_input"),
+                         (inputs, "local_model_dir"), (inputs, "open_input"), (models, "local_model_dir")]:
         monkeypatch.setattr(module, name, forbidden(name))
     return calls
 
@@ -337,9 +337,9 @@ def test_bad_prune_settings(work, args, words):
 
 
 def test_bad_settings_are_refused_before_the_model_loads(work, monkeypatch):
-    import wandamerge.pipeline as pipeline
+    import wandamerge.jobs.prune as prune_job
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(prune_job, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for args in (["--sparsity", "2"], ["--pattern", "2-4"], ["--seqlen", "0"], ["--batch-size", "0"]):
         refused(cli(*prune_args(work, *args)))
 
@@ -429,7 +429,7 @@ def test_prune_on_a_full_disk_says_so_and_leaves_nothing(work, monkeypatch):
 
 
 def test_merge_on_a_full_disk_says_so_and_leaves_nothing(work, monkeypatch):
-    from wandamerge.merging.sources import ShardWriter
+    from wandamerge.io.safetensors import ShardWriter
 
     original = ShardWriter.add
     count = {"n": 0}
@@ -456,7 +456,7 @@ def test_merge_on_a_full_disk_says_so_and_leaves_nothing(work, monkeypatch):
 FORKER = textwrap.dedent("""
     import json, os, pathlib, sys, time
     import transformers.modeling_utils as mu
-    import wandamerge.pipeline
+    import wandamerge.jobs.prune
     from transformers import LlamaForCausalLM
     from wandamerge.cli import main
 
@@ -570,7 +570,7 @@ def test_a_killed_prune_leaves_nothing_or_a_whole_model(work):
 
 
 def test_a_running_jobs_temp_dir_is_not_taken_for_a_stale_one(work):
-    from wandamerge.models import staged_output
+    from wandamerge.io.staging import staged_output
 
     out = work["root"] / "shared-out"
     with staged_output(out) as first:  # this process is alive: its temp dir must survive a second run
@@ -693,7 +693,7 @@ def test_random_recipes_are_accepted_or_refused_with_a_recipe_error(data):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(recipes, st.binary(max_size=60), st.text(max_size=60)))
 def test_random_recipes_through_the_cli_never_give_a_traceback(tmp_path_factory, data):
-    import wandamerge.merging.merge as merge_module
+    import wandamerge.jobs.merge as merge_module
 
     root = tmp_path_factory.mktemp("fuzz")
     path = root / "r.yaml"

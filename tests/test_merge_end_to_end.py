@@ -17,27 +17,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from wandamerge.cli import main
-from wandamerge.merging.merge import merge
+from wandamerge.jobs.merge import merge
 from wandamerge.recipe import RecipeError, parse_recipe
 
-from conftest import VOCAB, tiny_model, word_tokenizer
-
-
-def save(model, path: Path) -> Path:
-    model.save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
-def finetune_of(base, seed: int, scale: float = 0.05):
-    """A 'fine-tune': the base plus a random, seeded change of every tensor."""
-    model = tiny_model("llama")
-    model.load_state_dict(base.state_dict())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+from conftest import VOCAB, finetune_of, save, tensors, tiny_model, word_tokenizer
 
 
 @pytest.fixture
@@ -47,13 +30,6 @@ def family(tmp_path):
     for i in (1, 2, 3):
         paths[f"ft{i}"] = save(finetune_of(base, seed=i), tmp_path / f"ft{i}")
     return paths
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def run_recipe(recipe: dict, out: Path):
@@ -259,7 +235,7 @@ RUN_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("run
 
 @pytest.mark.parametrize("path", RUN_RECIPES, ids=lambda p: p.name)
 def test_example_run_recipes_validate(path):
-    from wandamerge.run import load_run_recipe
+    from wandamerge.jobs.run import load_run_recipe
 
     recipe, _ = load_run_recipe(path)
     assert (recipe.prune is None) != (recipe.merge is None) and recipe.evaluate.tasks
@@ -324,7 +300,7 @@ def test_truncated_shard_is_refused_with_a_clear_error(family, tmp_path):
 
 
 def test_streaming_writer_round_trips_dtypes_across_shards(tmp_path):
-    from wandamerge.merging.sources import ShardWriter
+    from wandamerge.io.safetensors import ShardWriter
 
     tensors_in = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.tensor(2.5),
                   "d": torch.randn(4, 4).half(), "e": torch.tensor([True, False, True])}
@@ -351,7 +327,7 @@ def test_combining_in_row_chunks_changes_nothing(monkeypatch, method):
                                     generator=torch.Generator().manual_seed(1))
 
     whole = run()
-    monkeypatch.setattr(methods, "_COMBINE_CHUNK", 50)  # 2 rows at a time
+    monkeypatch.setattr(methods, "COMBINE_CHUNK", 50)  # 2 rows at a time
     assert torch.equal(run(), whole)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wandamerge.merging import (MERGE_METHODS, SPARSIFIERS, breadcrumbs, dare_drop, della, elect_sign, magnitude_trim,
+from wandamerge.merging import (MERGE_METHODS, SPARSIFIERS, breadcrumbs_trim, dare_drop, della_magprune, elect_sign,
+                                magnitude_trim,
                                 merge_tensor, merge_tensor_detailed, register_sparsifier, score_trim, sparsify,
                                 wanda_delta_score)
 
@@ -121,7 +122,7 @@ def test_dare_through_merge_expectation():
 def test_default_rescale_keeps_the_l1_norm():
     # mergekit 0.1.5: rescale=True matches the L1 norm of the delta, not 1 / density
     delta = torch.randn(6, 7, generator=gen(5))
-    for out in (dare_drop(delta, 0.4, generator=gen(6)), della(delta, 0.4, 0.1, generator=gen(7)),
+    for out in (dare_drop(delta, 0.4, generator=gen(6)), della_magprune(delta, 0.4, 0.1, generator=gen(7)),
                 magnitude_trim(delta, 0.4, rescale=True)):
         assert (out == 0).any()
         assert math.isclose(out.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-5)
@@ -130,13 +131,13 @@ def test_default_rescale_keeps_the_l1_norm():
 def test_random_sparsifiers_are_reproducible_with_a_generator():
     delta = torch.randn(5, 6, generator=gen(8))
     assert torch.equal(dare_drop(delta, 0.5, generator=gen(9)), dare_drop(delta, 0.5, generator=gen(9)))
-    assert torch.equal(della(delta, 0.5, 0.2, generator=gen(9)), della(delta, 0.5, 0.2, generator=gen(9)))
+    assert torch.equal(della_magprune(delta, 0.5, 0.2, generator=gen(9)), della_magprune(delta, 0.5, 0.2, generator=gen(9)))
 
 
 def test_della_keep_probability_follows_the_rank():
     # one row 0, 1, ..., 9: rank r keeps with probability 0.5 - 0.4 + 0.8 r / 9
     row = torch.arange(10.0).expand(20000, 10).contiguous()
-    keep_rate = (della(row, 0.5, 0.4, generator=gen(10), rescale=False) != 0).float().mean(dim=0)
+    keep_rate = (della_magprune(row, 0.5, 0.4, generator=gen(10), rescale=False) != 0).float().mean(dim=0)
     expected = torch.tensor([0.1 + 0.8 * r / 9 for r in range(10)])
     expected[0] = 0.0  # the entry 0 stays 0 whatever is drawn
     assert torch.allclose(keep_rate[1:], expected[1:], atol=0.015)
@@ -252,7 +253,7 @@ def test_ties_at_the_magnitude_cut_off_keep_the_lower_index():
     assert kept(magnitude_trim(flat, 0.4, group="row")) == {0, 1, 5, 6, 10, 11, 15, 16}
     # breadcrumbs ranks ties the same way: the lower index counts as larger, so it is the outlier removed
     # 10 equal values, density 0.5 -> keep 5; gamma 0.2 -> remove 2 outliers (0, 1) and 3 smallest (7, 8, 9)
-    assert kept(breadcrumbs(torch.ones(10), 0.5, gamma=0.2)) == {2, 3, 4, 5, 6}
+    assert kept(breadcrumbs_trim(torch.ones(10), 0.5, gamma=0.2)) == {2, 3, 4, 5, 6}
 
 
 def test_magnitude_trim_matches_a_full_sort_without_ties():
@@ -270,10 +271,10 @@ def test_kept_counts_follow_mergekit():
     delta = torch.randn(100, generator=gen(23))
     assert len(kept(magnitude_trim(delta, 0.29))) == int(0.29 * 100) == 28  # the float product, floored
     assert len(kept(magnitude_trim(torch.randn(10, generator=gen(24)), 0.01))) == 1  # never fewer than one
-    assert len(kept(breadcrumbs(delta, 0.3, gamma=0.05))) == 30
+    assert len(kept(breadcrumbs_trim(delta, 0.3, gamma=0.05))) == 30
     # breadcrumbs removes the gamma largest, then the smallest
     order = sorted(range(100), key=lambda i: -abs(delta[i].item()))
-    assert kept(breadcrumbs(delta, 0.3, gamma=0.05)) == set(order[5:35])
+    assert kept(breadcrumbs_trim(delta, 0.3, gamma=0.05)) == set(order[5:35])
 
 
 # ----------------------------------------------------------------------------

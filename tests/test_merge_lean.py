@@ -12,10 +12,12 @@ import importlib
 import pytest
 import torch
 
+from wandamerge.core import selection
+from wandamerge.io.safetensors import TensorRows
 from wandamerge.merging import chunked, methods
-from wandamerge.merging.sources import TensorRows
 
-from test_merge_end_to_end import finetune_of, run_recipe, save, tensors
+from conftest import finetune_of, save, tensors
+from test_merge_end_to_end import run_recipe
 
 sparsify = importlib.import_module("wandamerge.merging.sparsify")  # the package exports a function of that name
 
@@ -23,16 +25,16 @@ sparsify = importlib.import_module("wandamerge.merging.sparsify")  # the package
 @pytest.fixture
 def lean(monkeypatch):
     """Every selection and every merge of a tensor on deltas takes the lean path, in small pieces."""
-    monkeypatch.setattr(sparsify, "LEAN_MIN_NUMEL", 1)
-    monkeypatch.setattr(sparsify, "SELECT_CHUNK", 16)
+    monkeypatch.setattr(selection, "LEAN_MIN_NUMEL", 1)
+    monkeypatch.setattr(selection, "SELECT_CHUNK", 16)
     monkeypatch.setattr(chunked, "BLOCK", 50)
-    monkeypatch.setattr(methods, "_COMBINE_CHUNK", 20)
+    monkeypatch.setattr(methods, "COMBINE_CHUNK", 20)
 
 
 def kth_mask(score, k, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(sparsify, "LEAN_MIN_NUMEL", 1 << 62)
-        return sparsify.top_mask(score, k)
+        m.setattr(selection, "LEAN_MIN_NUMEL", 1 << 62)
+        return selection.top_mask(score, k)
 
 
 def score_cases():
@@ -56,7 +58,7 @@ def test_lean_selection_equals_kthvalue(monkeypatch, lean):
         n = score.shape[1]
         for k in sorted({-1, 0, 1, 2, n // 3, n - 1, n, n + 3}):
             expected = kth_mask(score, k, monkeypatch)
-            got = sparsify.top_mask(score, k)
+            got = selection.top_mask(score, k)
             assert torch.equal(got, expected), (score.dtype, tuple(score.shape), k)
             if 0 < k < n:
                 assert int(got.sum()) == k * score.shape[0]
@@ -65,10 +67,10 @@ def test_lean_selection_equals_kthvalue(monkeypatch, lean):
 def test_lean_breadcrumbs_equals_whole(monkeypatch, lean):
     g = torch.Generator().manual_seed(1)
     delta = (torch.randn(30, 17, generator=g) * 4).round() / 4
-    got = sparsify.breadcrumbs(delta, 0.3, gamma=0.05)
+    got = sparsify.breadcrumbs_trim(delta, 0.3, gamma=0.05)
     with monkeypatch.context() as m:
-        m.setattr(sparsify, "LEAN_MIN_NUMEL", 1 << 62)
-        assert torch.equal(got, sparsify.breadcrumbs(delta, 0.3, gamma=0.05))
+        m.setattr(selection, "LEAN_MIN_NUMEL", 1 << 62)
+        assert torch.equal(got, sparsify.breadcrumbs_trim(delta, 0.3, gamma=0.05))
 
 
 CASES = [
@@ -102,11 +104,10 @@ def test_merge_rows_equals_whole_tensor(monkeypatch, method, options, dtype, qua
         options["input_sq_norms"] = torch.rand(24, generator=g)
     whole = methods.merge_tensor_detailed(method, base, fts, [0.5, 0.3, 0.2], densities, **options)
     monkeypatch.setattr(chunked, "BLOCK", 200)  # 4 rows a block
-    monkeypatch.setattr(methods, "_COMBINE_CHUNK", 48)  # 2 rows a combine
-    assert chunked.chunked_merge_applies(method, [dtype], options.get("score"), options.get("rescale"),
-                                         options.get("input_sq_norms"), tuple(base.shape))
-    result, blocks = chunked.merge_rows(method, TensorRows(base), [TensorRows(f) for f in fts], [0.5, 0.3, 0.2],
-                                        densities, **options)
+    monkeypatch.setattr(methods, "COMBINE_CHUNK", 48)  # 2 rows a combine
+    plan = methods.plan_merge(method, tuple(base.shape), 3, [0.5, 0.3, 0.2], densities, **options)
+    assert chunked.chunked_merge_applies(plan, [dtype])
+    result, blocks = chunked.merge_rows(plan, TensorRows(base), [TensorRows(f) for f in fts])
     pieces = list(blocks)
     assert torch.equal(torch.cat([b for _, b in pieces]), base)
     merged = torch.cat([m for m, _ in pieces])
@@ -124,32 +125,36 @@ def test_merge_rows_of_a_vector_and_fallback_reason(monkeypatch):
     norms = torch.rand(101, generator=g)
     whole = methods.merge_tensor_detailed("ties", base, fts, 0.5, 0.3, score="wanda", input_sq_norms=norms)
     monkeypatch.setattr(chunked, "BLOCK", 10)
-    result, blocks = chunked.merge_rows("ties", TensorRows(base), [TensorRows(f) for f in fts], 0.5, 0.3,
-                                        score="wanda", input_sq_norms=norms)
+    plan = methods.plan_merge("ties", tuple(base.shape), 2, 0.5, 0.3, score="wanda", input_sq_norms=norms)
+    result, blocks = chunked.merge_rows(plan, TensorRows(base), [TensorRows(f) for f in fts])
     assert torch.equal(torch.cat([m for m, _ in blocks]), whole.tensor)
     assert result.fallback_reason == whole.fallback_reason is not None
 
 
 @pytest.mark.parametrize("method", ["random", "della"])
 def test_random_sparsifiers_stay_whole(method):
-    assert not chunked.chunked_merge_applies("dare_ties" if method == "random" else "della", [torch.float32],
-                                             None, None, None, (4, 4))
-    assert not chunked.chunked_merge_applies("ties", [torch.float32], None, True, None, (4, 4))  # L1 rescale
-    assert not chunked.chunked_merge_applies("ties", [torch.float64], None, None, None, (4, 4))
-    assert not chunked.chunked_merge_applies("linear", [torch.float32], None, None, None, (4, 4))
+    def applies(name, dtype=torch.float32, **options):
+        return chunked.chunked_merge_applies(methods.plan_merge(name, (4, 4), 2, 0.5, 0.5 if name != "linear"
+                                                                else None, **options), [dtype])
+
+    assert not applies("dare_ties" if method == "random" else "della")
+    assert not applies("ties", rescale=True)  # L1 rescale
+    assert not applies("ties", torch.float64)
+    assert not applies("linear")
+    assert applies("ties")
 
 
 def count_block_merges(m) -> list:
     """Spy on the merge's block-by-block path: the names it merged that way."""
-    from wandamerge.merging import merge as merge_module
+    from wandamerge.jobs import merge as merge_module
 
-    names, real = [], merge_module._merge_blocks
+    names, real = [], merge_module._TensorJob.merge_in_blocks
 
-    def spy(recipe, base, inputs, name, *args, **kwargs):
-        names.append(name)
-        return real(recipe, base, inputs, name, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        names.append(self.name)
+        return real(self, *args, **kwargs)
 
-    m.setattr(merge_module, "_merge_blocks", spy)
+    m.setattr(merge_module._TensorJob, "merge_in_blocks", spy)
     return names
 
 
@@ -190,10 +195,10 @@ def test_whole_merges_are_bit_identical_on_the_lean_path(family, tmp_path, monke
             del entry["parameters"]["density"]
     whole = run_recipe(recipe, tmp_path / "whole")
     with monkeypatch.context() as m:
-        m.setattr(sparsify, "LEAN_MIN_NUMEL", 64)  # the matrices, not the norms; rows stay on kthvalue
-        m.setattr(sparsify, "SELECT_CHUNK", 500)
+        m.setattr(selection, "LEAN_MIN_NUMEL", 64)  # the matrices, not the norms; rows stay on kthvalue
+        m.setattr(selection, "SELECT_CHUNK", 500)
         m.setattr(chunked, "BLOCK", 1000)
-        m.setattr(methods, "_COMBINE_CHUNK", 300)
+        m.setattr(methods, "COMBINE_CHUNK", 300)
         blocked = count_block_merges(m)
         leaned = run_recipe(recipe, tmp_path / "lean")
     large = [n for n, t in tensors(family["base"]).items() if t.numel() >= 64]
@@ -220,7 +225,7 @@ def test_lora_and_wanda_merge_on_the_lean_path(family, tmp_path, monkeypatch, te
                          {"model": str(family["ft1"]), "parameters": {"weight": 0.4, "density": 0.3}}]}
     whole = run_recipe(recipe, tmp_path / "whole")
     with monkeypatch.context() as m:
-        m.setattr(sparsify, "LEAN_MIN_NUMEL", 64)
+        m.setattr(selection, "LEAN_MIN_NUMEL", 64)
         m.setattr(chunked, "BLOCK", 1000)
         blocked = count_block_merges(m)
         leaned = run_recipe(recipe, tmp_path / "lean")

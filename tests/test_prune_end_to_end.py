@@ -148,7 +148,7 @@ def test_save_and_reload_give_identical_logits(tmp_path):
 
 
 def test_same_seed_same_masks_different_seed_different(model_dir, text_file, tmp_path):
-    from wandamerge.pipeline import prune_to_directory
+    from wandamerge.jobs.prune import prune_to_directory
 
     src = model_dir("llama")
     outs = {}
@@ -163,7 +163,7 @@ def test_same_seed_same_masks_different_seed_different(model_dir, text_file, tmp
 
 
 def test_pipeline_writes_a_complete_transformers_directory(model_dir, text_file, tmp_path):
-    from wandamerge.pipeline import prune_to_directory
+    from wandamerge.jobs.prune import prune_to_directory
 
     src = model_dir("gpt2")
     out = tmp_path / "pruned"

@@ -13,17 +13,32 @@ import math
 import pytest
 import torch
 
-from wandamerge.pruning.masks import (
-    cumulative_alpha_mask,
-    nm_mask,
-    parse_pattern,
-    row_mask,
-    tensor_mask,
-)
+from wandamerge.core.selection import cumulative_alpha_keep, keep_after_pruning, keep_n_of_m, parse_pattern
 from wandamerge.pruning.methods import PRUNE_METHODS, PruneTarget, get_prune_method
-from wandamerge.pruning.scores import magnitude_score, wanda_score
-from wandamerge.pruning.sparsegpt import sparsegpt_prune
+from wandamerge.core.scores import magnitude_score, wanda_score
+from wandamerge.core.sparsegpt import sparsegpt_prune
 from wandamerge.runner import InputStats, input_stats
+
+
+# The selection functions return keep-masks (True = kept); these views give the pruned entries, which the
+# references below describe.
+
+
+def row_mask(score, sparsity):
+    return ~keep_after_pruning(score, sparsity, "row")
+
+
+def tensor_mask(score, sparsity):
+    return ~keep_after_pruning(score, sparsity, "tensor")
+
+
+def nm_mask(score, n, m):
+    return ~keep_n_of_m(score, n, m)
+
+
+def cumulative_alpha_mask(score, sparsity):
+    keep, alpha = cumulative_alpha_keep(score, sparsity)
+    return ~keep, alpha
 
 
 # ----------------------------------------------------------------------------
@@ -35,8 +50,8 @@ def gen(seed: int) -> torch.Generator:
 
 
 def brute_lowest(values: list[float], k: int) -> set[int]:
-    """Indices of the k lowest values; ties go to the lower index first."""
-    order = sorted(range(len(values)), key=lambda j: (values[j], j))
+    """Indices of the k lowest values; among ties the higher index is pruned first (the lower one kept)."""
+    order = sorted(range(len(values)), key=lambda j: (values[j], -j))
     return set(order[:k])
 
 
@@ -188,15 +203,15 @@ def test_row_mask_sparsity_out_of_range_raises(sparsity):
         row_mask(torch.rand(2, 4), sparsity)
 
 
-def test_row_mask_ties_prune_lower_column_first():
+def test_row_mask_ties_keep_lower_column_first():
     score = torch.ones(3, 8)
     mask = row_mask(score, 0.5)
-    assert mask.tolist() == [[True] * 4 + [False] * 4] * 3
+    assert mask.tolist() == [[False] * 4 + [True] * 4] * 3
     # the same scores always give the same mask
     assert torch.equal(row_mask(score, 0.5), mask)
-    # partial ties: the tie between columns 1 and 3 goes to column 1
+    # partial ties: of columns 1 and 3, column 1 is kept
     score = torch.tensor([[5.0, 2.0, 0.0, 2.0, 9.0]])
-    assert row_mask(score, 0.4).tolist() == [[False, True, True, False, False]]
+    assert row_mask(score, 0.4).tolist() == [[False, False, True, True, False]]
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +236,7 @@ def test_tensor_mask_global_lowest(sparsity):
 
 def test_tensor_mask_ties_and_range():
     mask = tensor_mask(torch.zeros(2, 3), 0.5)
-    assert mask.tolist() == [[True, True, True], [False, False, False]]
+    assert mask.tolist() == [[False, False, False], [True, True, True]]
     with pytest.raises(ValueError):
         tensor_mask(torch.zeros(2, 3), 1.0)
 
@@ -245,7 +260,7 @@ def test_nm_mask_groups(n, m):
 
 def test_nm_mask_hand_worked_and_ties():
     score = torch.tensor([[3.0, 1.0, 2.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
-    assert nm_mask(score, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
+    assert nm_mask(score, 2, 4).tolist() == [[False, True, False, True, False, False, True, True]]
 
 
 def test_nm_mask_invalid():
@@ -344,7 +359,8 @@ def test_methods_zero_only_keep_bits(method, target):
     x = torch.randn(64, 32, generator=g) * torch.linspace(0.1, 4.0, 32)
     stats = input_stats(x, {"norms"})
     old = w.clone()
-    new, mask = get_prune_method(method).fn(w, stats, target)
+    new, keep = get_prune_method(method).fn(w, stats, target)
+    mask = ~keep
     assert torch.equal(w, old)  # input untouched
     assert new.dtype == w.dtype and new.shape == w.shape
     assert mask.dtype == torch.bool and mask.shape == w.shape
@@ -381,8 +397,8 @@ def test_wanda_differs_from_magnitude_when_inputs_are_uneven():
     stats = InputStats(tokens=1, sq_norms=torch.tensor([100.0, 100.0, 0.01, 0.01]))
     _, mag = get_prune_method("magnitude").fn(w, None, PruneTarget(sparsity=0.5))
     _, wan = get_prune_method("wanda").fn(w, stats, PruneTarget(sparsity=0.5))
-    assert mag.tolist() == [[True, True, False, False]]
-    assert wan.tolist() == [[False, False, True, True]]  # scores 10, 20, 0.3, 0.4
+    assert mag.tolist() == [[False, False, True, True]]  # keep-masks: magnitude keeps 3 and 4
+    assert wan.tolist() == [[True, True, False, False]]  # scores 10, 20, 0.3, 0.4
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -422,7 +438,8 @@ def layer():
 
 def test_sparsegpt_beats_zeroing_masks_unstructured(layer):
     w, x, stats = layer
-    new, mask = sparsegpt_prune(w, stats.gram, sparsity=0.5)
+    new, keep = sparsegpt_prune(w, stats.gram, sparsity=0.5)
+    mask = ~keep
     assert int((new == 0).sum()) >= 32 * 64 // 2
     sgpt = recon_error(w, new, x)
     mag = recon_error(w, w.masked_fill(row_mask(w.abs(), 0.5), 0), x)
@@ -433,7 +450,8 @@ def test_sparsegpt_beats_zeroing_masks_unstructured(layer):
 
 def test_sparsegpt_beats_zeroing_masks_2_4(layer):
     w, x, stats = layer
-    new, mask = sparsegpt_prune(w, stats.gram, n=2, m=4)
+    new, keep = sparsegpt_prune(w, stats.gram, n=2, m=4)
+    mask = ~keep
     sgpt = recon_error(w, new, x)
     mag = recon_error(w, w.masked_fill(nm_mask(w.abs(), 2, 4), 0), x)
     score = w.abs() * x.pow(2).sum(0).sqrt()
@@ -444,7 +462,8 @@ def test_sparsegpt_beats_zeroing_masks_2_4(layer):
 @pytest.mark.parametrize("blocksize,sparsity", [(128, 0.5), (16, 0.5), (16, 0.3), (24, 0.6)])
 def test_sparsegpt_exact_unstructured_sparsity(layer, blocksize, sparsity):
     w, x, stats = layer
-    new, mask = sparsegpt_prune(w, stats.gram, sparsity=sparsity, blocksize=blocksize)
+    new, keep = sparsegpt_prune(w, stats.gram, sparsity=sparsity, blocksize=blocksize)
+    mask = ~keep
     assert new.shape == w.shape and new.dtype == w.dtype and mask.shape == w.shape
     expected = sum(math.floor(32 * (min(s + blocksize, 64) - s) * sparsity) for s in range(0, 64, blocksize))
     assert int(mask.sum()) == expected
@@ -457,7 +476,8 @@ def test_sparsegpt_exact_unstructured_sparsity(layer, blocksize, sparsity):
 
 def test_sparsegpt_2_4_structure(layer):
     w, x, stats = layer
-    new, mask = sparsegpt_prune(w, stats.gram, n=2, m=4)
+    new, keep = sparsegpt_prune(w, stats.gram, n=2, m=4)
+    mask = ~keep
     zeros = (new == 0).tolist()
     ml = mask.tolist()
     for zrow, mrow in zip(zeros, ml):
@@ -473,7 +493,8 @@ def test_sparsegpt_2_4_blocksize_not_multiple_of_m(layer):
     groups of consecutive *global* input columns)."""
     w, x, stats = layer
     try:
-        new, mask = sparsegpt_prune(w, stats.gram, n=2, m=4, blocksize=6)
+        new, keep = sparsegpt_prune(w, stats.gram, n=2, m=4, blocksize=6)
+        mask = ~keep
     except ValueError:
         return
     per_group = mask.view(32, 16, 4).sum(-1)
@@ -486,7 +507,7 @@ def test_sparsegpt_2_4_blocksize_not_multiple_of_m_via_registry(layer):
     w, x, stats = layer
     try:
         target = PruneTarget(pattern="2:4", blocksize=2)
-        new, mask = get_prune_method("sparsegpt").fn(w, stats, target)
+        new, _ = get_prune_method("sparsegpt").fn(w, stats, target)
     except ValueError:
         return
     sparsity = (new == 0).float().mean().item()
@@ -497,7 +518,8 @@ def test_sparsegpt_fixed_mask_is_least_squares_update(layer):
     w, x, stats = layer
     score = w.abs() * x.pow(2).sum(0).sqrt()
     fixed = row_mask(score, 0.5)
-    new, mask = sparsegpt_prune(w, stats.gram, mask=fixed)
+    new, keep = sparsegpt_prune(w, stats.gram, keep=~fixed)
+    mask = ~keep
     assert torch.equal(mask, fixed)
     assert torch.equal(new == 0, fixed)
     zeroed = w.masked_fill(fixed, 0)
@@ -527,7 +549,8 @@ def test_sparsegpt_prefix_mask_is_exact_least_squares(layer, blocksize):
     w, x, stats = layer
     fixed = torch.zeros_like(w, dtype=torch.bool)
     fixed[:, :20] = True
-    new, mask = sparsegpt_prune(w, stats.gram, mask=fixed, percdamp=1e-7, blocksize=blocksize)
+    new, keep = sparsegpt_prune(w, stats.gram, keep=~fixed, percdamp=1e-7, blocksize=blocksize)
+    mask = ~keep
     assert torch.equal(new == 0, fixed)
     got = recon_error(w, new, x)
     optimum = lstsq_error(w, x, fixed)
@@ -537,7 +560,8 @@ def test_sparsegpt_prefix_mask_is_exact_least_squares(layer, blocksize):
 
 def test_sparsegpt_sparsity_zero_is_identity(layer):
     w, x, stats = layer
-    new, mask = sparsegpt_prune(w, stats.gram, sparsity=0.0, percdamp=1e-8, blocksize=16)
+    new, keep = sparsegpt_prune(w, stats.gram, sparsity=0.0, percdamp=1e-8, blocksize=16)
+    mask = ~keep
     assert not mask.any()
     assert torch.allclose(new, w, atol=1e-5, rtol=0)
 
@@ -546,7 +570,8 @@ def test_sparsegpt_dtype_and_input_untouched(layer):
     w, x, stats = layer
     w16 = w.to(torch.bfloat16)
     old = w16.clone()
-    new, mask = sparsegpt_prune(w16, stats.gram, sparsity=0.5)
+    new, keep = sparsegpt_prune(w16, stats.gram, sparsity=0.5)
+    mask = ~keep
     assert torch.equal(w16, old)
     assert new.dtype == torch.bfloat16
     assert (new[mask] == 0).all()
@@ -559,8 +584,9 @@ def test_sparsegpt_dead_input_columns():
     x[:, 17] = 0
     w = torch.randn(8, 32, generator=g)
     stats = input_stats(x, {"norms", "gram"})
-    for kwargs in (dict(sparsity=0.5), dict(n=2, m=4), dict(mask=row_mask(w.abs(), 0.5))):
-        new, mask = sparsegpt_prune(w, stats.gram, **kwargs)
+    for kwargs in (dict(sparsity=0.5), dict(n=2, m=4), dict(keep=~row_mask(w.abs(), 0.5))):
+        new, keep = sparsegpt_prune(w, stats.gram, **kwargs)
+        mask = ~keep
         assert torch.isfinite(new).all()
         assert (new[:, 3] == 0).all() and (new[:, 17] == 0).all()
         assert (new[mask] == 0).all()
@@ -569,7 +595,8 @@ def test_sparsegpt_dead_input_columns():
         zeroed[mask] = 0
         assert recon_error(w, new, x) <= recon_error(w, zeroed, x) + 1e-6
     # Wanda scores dead inputs at zero, so they are pruned first
-    _, wmask = get_prune_method("wanda").fn(w, stats, PruneTarget(sparsity=0.25))
+    _, wkeep = get_prune_method("wanda").fn(w, stats, PruneTarget(sparsity=0.25))
+    wmask = ~wkeep
     assert wmask[:, 3].all() and wmask[:, 17].all()
 
 
@@ -587,9 +614,10 @@ def test_sparsegpt_wrong_hessian_shape(layer):
 def test_update_true_lowers_error_with_same_mask(layer, method, target):
     w, x, stats = layer
     fn = get_prune_method(method).fn
-    zeroed, mask0 = fn(w, stats, target)
-    updated, mask1 = fn(w, stats, PruneTarget(**{**target.__dict__, "update": True}))
-    assert torch.equal(mask0, mask1)
+    zeroed, keep0 = fn(w, stats, target)
+    updated, keep1 = fn(w, stats, PruneTarget(**{**target.__dict__, "update": True}))
+    mask1 = ~keep1
+    assert torch.equal(keep0, keep1)
     assert torch.equal(updated == 0, mask1)
     assert recon_error(w, updated, x) < recon_error(w, zeroed, x)
     assert not torch.equal(updated[~mask1], w[~mask1])  # kept weights were refit
@@ -597,10 +625,12 @@ def test_update_true_lowers_error_with_same_mask(layer, method, target):
 
 def test_sparsegpt_through_registry(layer):
     w, x, stats = layer
-    new, mask = get_prune_method("sparsegpt").fn(w, stats, PruneTarget(sparsity=0.5, blocksize=32))
+    new, keep = get_prune_method("sparsegpt").fn(w, stats, PruneTarget(sparsity=0.5, blocksize=32))
+    mask = ~keep
     assert int(mask.sum()) == 2 * math.floor(32 * 32 * 0.5)
     assert torch.equal(new == 0, mask)
-    new, mask = get_prune_method("sparsegpt").fn(w, stats, PruneTarget(pattern="4:8"))
+    new, keep = get_prune_method("sparsegpt").fn(w, stats, PruneTarget(pattern="4:8"))
+    mask = ~keep
     assert (mask.view(32, 8, 8).sum(-1) == 4).all()
 
 

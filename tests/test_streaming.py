@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from wandamerge import streaming
+from wandamerge import loaders as streaming
 from wandamerge.cli import main
-from wandamerge.merging.merge import merge
+from wandamerge.jobs.merge import merge
 from wandamerge.models import ModelError
-from wandamerge.pipeline import prune_to_directory
+from wandamerge.jobs.prune import prune_to_directory
 from wandamerge.pruning import prune
 from wandamerge.recipe import parse_recipe
 
@@ -134,7 +134,7 @@ def test_low_memory_switches_on_when_the_model_would_not_fit(model_dir, text_fil
                                                              caplog, available, expected):
     monkeypatch.setattr(streaming, "available_memory", lambda: available)
     src = model_dir("llama")
-    with caplog.at_level(logging.INFO, logger="wandamerge.streaming"):
+    with caplog.at_level(logging.INFO, logger="wandamerge.loaders"):
         record = pruned(src, tmp_path / "out", text_file)
     assert record["settings"]["low_memory"] is expected
     assert ("low-memory mode" in caplog.text) is expected

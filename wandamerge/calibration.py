@@ -55,10 +55,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CalibrationError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationError",
+    "window_length",
     "TEXT_SOURCES",
     "TEXT_FILE_SUFFIXES",
     "TOKEN_FILE_SUFFIXES",
@@ -85,8 +88,17 @@ _C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
 _C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 
 
-class CalibrationError(ValueError):
-    """A calibration or evaluation source cannot be turned into token windows."""
+MAX_DEFAULT_SEQLEN = 2048  # the default window: the model's context, at most this (as the Wanda paper)
+
+
+def window_length(config: Any, seqlen: int | None = None) -> int:
+    """Tokens per window for a model config: ``seqlen``, or the model's context capped at
+    :data:`MAX_DEFAULT_SEQLEN`; a window longer than the context is refused."""
+    context = int(getattr(config, "max_position_embeddings", MAX_DEFAULT_SEQLEN) or MAX_DEFAULT_SEQLEN)
+    length = seqlen or min(context, MAX_DEFAULT_SEQLEN)
+    if length > context:
+        raise CalibrationError(f"seqlen {length} exceeds the model's context of {context} tokens")
+    return length
 
 
 def _accepted_sources() -> str:

@@ -1,4 +1,9 @@
-"""The ``wandamerge`` command line: a thin layer over the Python API."""
+"""The ``wandamerge`` command line: parse, call a job, print; a user's error is one line and exit status 2.
+
+Options of ``prune`` are made from :class:`~wandamerge.jobs.prune.PruneConfig`'s
+fields, and those of ``eval`` fill an :class:`~wandamerge.jobs.evaluate.EvalConfig`,
+so every setting and its default is declared once, in the job's config.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,15 @@ import functools
 import json
 import logging
 import sys
+import typing
+from pathlib import Path
 
 import click
 
-from .pruning.methods import GROUPS, PRUNE_METHODS
-from .runner import WITHIN_BLOCK_ORDERS
+from .errors import WandamergeError
+from .io.dtypes import DTYPE_NAMES
+from .jobs.evaluate import EvalConfig, PerplexitySettings
+from .jobs.prune import PruneConfig
 
 log = logging.getLogger("wandamerge")
 
@@ -23,18 +32,57 @@ class UsageProblem(click.ClickException):
 
 
 def friendly_errors(fn):
-    """Known problems become one line and exit status 2; ``--debug`` shows the traceback."""
+    """A :class:`~wandamerge.errors.WandamergeError` or an ``OSError`` (a full disk, a missing file) becomes
+    one line and exit status 2; ``--debug`` shows its traceback. Anything else is a bug and keeps it."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, KeyError) as exc:
+        except (WandamergeError, OSError) as exc:
             if ctx.find_root().params.get("debug"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageProblem(message) from exc
     return wrapper
+
+
+def options_from(config: type, skip: tuple[str, ...] = ()):
+    """Decorator: one click option per field of a pydantic ``config`` (its description as help, its
+    default shown, ``None`` when not given so the config's default applies)."""
+    def decorate(fn):
+        for name, field in reversed(list(config.model_fields.items())):
+            if name not in skip:
+                fn = _option(name, field)(fn)
+        return fn
+    return decorate
+
+
+def _option(name: str, field):
+    flag = "--" + name.replace("_", "-")
+    kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+    text = field.description or ""
+    if field.default not in (None, False) and "[default" not in text:
+        text += f" [default: {field.default}]"
+    if kinds == [bool]:
+        if field.default is None:  # three states: on, off, or decided by the job
+            return click.option(f"{flag}/--no-{flag[2:]}", default=None, help=text)
+        return click.option(flag, is_flag=True, default=None, help=text)
+    literal = next((k for k in kinds if typing.get_origin(k) is typing.Literal), None)
+    if literal is not None or typing.get_origin(field.annotation) is typing.Literal:
+        choices = typing.get_args(literal if literal is not None else field.annotation)
+        return click.option(flag, type=click.Choice(choices), default=None, help=text)
+    kind = next((k for k in kinds if k in (int, float)), str)
+    return click.option(flag, type=kind, default=None, help=text)
+
+
+def given(settings: dict) -> dict:
+    """The options given on the command line (the others take the config's defaults)."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def quiet() -> bool:
+    return bool(click.get_current_context().find_root().params.get("quiet"))
 
 
 @click.group()
@@ -52,50 +100,17 @@ def main(debug: bool, quiet: bool) -> None:
 @main.command("prune")
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(), help="Output directory (a transformers model).")
-@click.option("--method", type=click.Choice(sorted(PRUNE_METHODS)), default="wanda", show_default=True)
-@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Unstructured ratio in [0, 1).")
-@click.option("--pattern", help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity).")
-@click.option("--group", type=click.Choice(GROUPS), default="row", show_default=True,
-              help="Comparison group for unstructured masks.")
-@click.option("--variant", is_flag=True, help="Wanda's cumulative-score alpha search (per-row, unstructured).")
-@click.option("--update", is_flag=True, help="Least-squares update of the kept weights (wanda/magnitude).")
-@click.option("--calib", default="wiki", show_default=True,
-              help="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | TOKENS.npy")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, help="Tokens per window [default: model context, at most 2048].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--batch-size", type=int, help="Calibration windows per forward [default: all at once].")
-@click.option("--within-block", type=click.Choice(WITHIN_BLOCK_ORDERS), default="sequential", show_default=True,
-              help="sequential: one forward per block, later maps see pruned earlier ones; "
-                   "parallel: the official two-pass order.")
-@click.option("--eval-ppl", help="Measure dense and pruned perplexity on this text (e.g. wiki: held-out articles).")
-@click.option("--eval-windows", type=int, default=64, show_default=True, help="Evaluation windows (0 = all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--max-shard-size", default="2GB", show_default=True)
-@click.option("--low-memory/--no-low-memory", default=None,
-              help="Read, prune and write one decoder block at a time from the safetensors shards "
-                   "[default: on when the model would take more than half the available RAM].")
-@click.option("--device-map", help="Let accelerate place the model: auto, balanced, sequential, a device, "
-                                   "or a JSON object / .json file of module -> device (cpu, disk, N).")
-@click.option("--offload-folder", type=click.Path(), help="Where accelerate keeps weights a device map puts on disk.")
+@options_from(PruneConfig, skip=("model",))
 @friendly_errors
-def prune_command(model, out, method, sparsity, pattern, group, variant, update, calib, nsamples, seqlen,
-                  seed, device, dtype, batch_size, within_block, eval_ppl, eval_windows, overwrite,
-                  max_shard_size, low_memory, device_map, offload_folder):
+def prune_command(model, out, overwrite, **settings):
     """Prune MODEL (a directory, a .gguf file, a hub id, or 'smollm2')."""
-    from .models import parse_device_map
-    from .pipeline import prune_to_directory
+    from .jobs.prune import run_prune
 
-    if not out and not eval_ppl:
+    config = PruneConfig.of("wandamerge prune", model=model, **given(settings))
+    if not out and not config.eval_ppl:
         raise UsageProblem("nothing to do: give --out to save the pruned model and/or --eval-ppl to measure it")
-    record = prune_to_directory(
-        model, out, method=method, sparsity=sparsity, pattern=pattern, group=group, variant=variant,
-        update=update, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-        batch_size=batch_size, within_block=within_block, eval_ppl=eval_ppl,
-        eval_windows=eval_windows or None, overwrite=overwrite, max_shard_size=max_shard_size,
-        low_memory=low_memory, device_map=parse_device_map(device_map), offload_folder=offload_folder)
+    record = run_prune(config, out, overwrite=overwrite, progress=not quiet())
     summary = {"overall_sparsity": round(record["sparsity"]["overall"], 4),
                "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
                "seconds": record["seconds"], "out": out}
@@ -109,19 +124,17 @@ def prune_command(model, out, method, sparsity, pattern, group, variant, update,
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--low-memory/--no-low-memory", default=None,
-              help="Wanda scores: run the base model's calibration pass one block at a time from its shards "
+              help="Activation scores: run the base model's calibration pass one block at a time from its shards "
                    "[default: on when it would take more than half the available RAM].")
 @friendly_errors
 def merge_command(recipe, out, device, overwrite, max_shard_size, low_memory):
     """Merge fine-tunes as RECIPE.yaml says (mergekit recipes run unchanged)."""
-    from pathlib import Path
-
-    from .merging.merge import merge
+    from .jobs.merge import merge
     from .recipe import load_recipe
 
     parsed = load_recipe(recipe)  # validated before any model is loaded
     record = merge(parsed, out, recipe_text=Path(recipe).read_text(), device=device, overwrite=overwrite,
-                   max_shard_size=max_shard_size, low_memory=low_memory)
+                   max_shard_size=max_shard_size, low_memory=low_memory, progress=not quiet())
     fallbacks = len(record["fallbacks"])
     click.echo(json.dumps({"out": out, "method": parsed.merge_method, "score": record["score"],
                            "tensors": len(record["per_tensor"]), "magnitude_fallbacks": fallbacks,
@@ -144,29 +157,28 @@ def smollm2_command(out, overwrite):
     click.echo(prepare_smollm2(out, overwrite=overwrite))
 
 
+_PPL = PerplexitySettings.model_fields
+
+
 @main.command("ppl")
 @click.argument("model")
-@click.option("--data", default="wiki", show_default=True,
-              help="wiki (held-out articles) | wikitext2 | FILE.txt | FILE.jsonl | TOKENS.pt")
+@click.option("--data", help=f"wiki (held-out articles) | wikitext2 | FILE.txt | FILE.jsonl | TOKENS.pt "
+                             f"[default: {_PPL['data'].default}]")
 @click.option("--seqlen", type=int, help="Window length [default: model context, at most 2048].")
-@click.option("--windows", type=int, default=64, show_default=True, help="Number of windows (0 = all).")
+@click.option("--windows", type=int, help=f"Number of windows (0 = all) [default: {_PPL['windows'].default}].")
+@click.option("--stride", type=int, help="Overlapping windows every STRIDE tokens (each token scored once).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
 @friendly_errors
-def ppl_command(model, data, seqlen, windows, device, dtype):
+def ppl_command(model, data, seqlen, windows, stride, device, dtype):
     """Perplexity of MODEL on held-out text."""
-    from .calibration import evaluation_windows
-    from .evaluation.perplexity import perplexity
-    from .models import load_model
-    from .pipeline import resolve_model
+    from .jobs.evaluate import evaluate
 
-    lm, tokenizer = load_model(resolve_model(model), dtype=dtype)
-    context = int(getattr(lm.config, "max_position_embeddings", 2048) or 2048)
-    windows_t = evaluation_windows(data, tokenizer, seqlen or min(context, 2048), max_windows=windows or None,
-                                   vocab_size=lm.config.vocab_size)
-    lm.to(device)
-    click.echo(json.dumps({"model": model, "data": data, "windows": list(windows_t.shape),
-                           "perplexity": perplexity(lm, windows_t, device=device)}))
+    settings = PerplexitySettings(**given({"data": data, "seqlen": seqlen, "windows": windows, "stride": stride}))
+    results = evaluate(model, None, EvalConfig(perplexity=settings, dtype=dtype), device=device, progress=not quiet())
+    ppl = results["perplexity"]
+    click.echo(json.dumps({"model": model, "data": ppl["data"], "windows": [ppl["windows"], ppl["seqlen"]],
+                           "perplexity": ppl["value"]}))
 
 
 def _task_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -182,10 +194,11 @@ def _task_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 @main.command("eval")
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(), required=True, help="Directory for results.json and report.md.")
-@click.option("--ppl", "ppl_data", default="wiki", show_default=True,
-              help="Perplexity text: wiki (held-out articles) | wikitext2 | FILE.txt | TOKENS.pt | none")
+@click.option("--ppl", "ppl_data",
+              help=f"Perplexity text: wiki (held-out articles) | wikitext2 | FILE.txt | TOKENS.pt | none "
+                   f"[default: {_PPL['data'].default}]")
 @click.option("--seqlen", type=int, help="Perplexity window [default: model context, at most 2048].")
-@click.option("--windows", type=int, default=64, show_default=True, help="Perplexity windows (0 = all).")
+@click.option("--windows", type=int, help=f"Perplexity windows (0 = all) [default: {_PPL['windows'].default}].")
 @click.option("--stride", type=int, help="Overlapping perplexity windows every STRIDE tokens.")
 @click.option("--task", "tasks", multiple=True,
               help="Zero-shot task (repeatable): an offline task (polarity, newsgroups, tweets, analogy), "
@@ -195,23 +208,26 @@ def _task_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--base", help="Base model: its accuracy on every task is reported alongside (and bases LoRA "
                              "adapters).")
 @click.option("--limit", type=float, help="Examples per task (a fraction if < 1) [default: all].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, help=f"[default: {EvalConfig.model_fields['batch_size'].default}]")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES))
+@click.option("--seed", type=int, help=f"[default: {EvalConfig.model_fields['seed'].default}]")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results in OUT.")
 @friendly_errors
 def eval_command(model, out, ppl_data, seqlen, windows, stride, tasks, finetuned, base, limit, batch_size, device,
                  dtype, seed, overwrite):
     """Evaluate MODEL (a directory, .gguf, hub id, LoRA adapter or 'smollm2'): perplexity and tasks."""
-    from .evaluation.evaluate import evaluate
+    from .jobs.evaluate import evaluate
+    from .recipe import validated
 
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = evaluate(model, out, ppl_data=None if ppl_data in ("none", "") else ppl_data, seqlen=seqlen,
-                       windows=windows, stride=stride, tasks=list(tasks), finetuned=_task_pairs(finetuned),
-                       base=base, limit=limit, batch_size=batch_size, device=device, dtype=dtype, seed=seed,
-                       overwrite=overwrite, progress=not click.get_current_context().find_root().params["quiet"])
+    perplexity = False if ppl_data in ("none", "") else given(
+        {"data": ppl_data, "seqlen": seqlen, "windows": windows, "stride": stride})
+    config = validated(EvalConfig, {"perplexity": perplexity, "tasks": list(tasks), **given(
+        {"limit": limit, "batch_size": batch_size, "dtype": dtype, "seed": seed})}, "wandamerge eval")
+    config = config.with_finetuned(_task_pairs(finetuned))
+    results = evaluate(model, out, config, base=base, device=device, overwrite=overwrite, progress=not quiet())
     summary = {"perplexity": (results["perplexity"] or {}).get("value"),
                "tasks": {t: r.get("acc") for t, r in results["tasks"].items()},
                "normalized": (results["normalized"] or {}).get("mean"), "out": out}
@@ -239,10 +255,9 @@ def report_command(runs, out, title):
 @friendly_errors
 def run_command(recipe, out, device, overwrite):
     """Prune or merge as RECIPE.yaml says, evaluate as its evaluate: section says, and write the report."""
-    from .run import run_recipe
+    from .jobs.run import run_recipe
 
-    results = run_recipe(recipe, out, device=device, overwrite=overwrite,
-                         progress=not click.get_current_context().find_root().params["quiet"])
+    results = run_recipe(recipe, out, device=device, overwrite=overwrite, progress=not quiet())
     click.echo(json.dumps({"perplexity": (results["perplexity"] or {}).get("value"),
                            "tasks": {t: r.get("acc") for t, r in results["tasks"].items()},
                            "normalized": (results["normalized"] or {}).get("mean"), "out": out}, indent=2))

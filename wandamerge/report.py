@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ReportError
+
 log = logging.getLogger(__name__)
-
-
-class ReportError(ValueError):
-    """A run directory cannot be read."""
 
 
 @dataclass
@@ -386,8 +384,3 @@ img {{ max-width: 640px; }}
     log.info("report with %d runs written to %s", len(runs), out_path)
     return written
 
-
-def runs_from_rows(rows: list[dict[str, Any]]) -> list[Run]:
-    """Runs from plain dicts (benchmark tables): keys as :class:`Run`'s fields."""
-    known = set(Run.__dataclass_fields__)
-    return [Run(**{k: v for k, v in row.items() if k in known}) for row in rows]

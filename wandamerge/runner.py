@@ -6,11 +6,8 @@ the statistics of its inputs to a visitor (which decides masks and writes
 weights), and keep the block's outputs as the next block's inputs. Only the
 block being processed needs to sit on the compute device.
 
-Where the blocks live is a loader's business (:class:`ResidentBlocks` by
-default: the whole model in memory, one block moved to the compute device for
-its turn). A loader can also read each block from disk just before its turn
-and write it out after (``wandamerge.streaming``), or leave blocks where
-accelerate placed them (``wandamerge.offload``).
+Where the blocks live is a loader's business (:mod:`wandamerge.loaders`:
+in memory, streamed from the shards, or placed by accelerate).
 
 Two orders inside a block:
 
@@ -35,6 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigError, ModelError
+from .loaders import BlockLoader, default_loader
 from .models import LinearMap, block_linears, decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -112,59 +111,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside a decoder block (not loaded ones stay on meta)."""
-    inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if param.device.type != "meta":
-                param.data = param.data.to(device)
-        for name, buf in module.named_buffers(recurse=False):
-            if buf.device.type != "meta":
-                module._buffers[name] = buf.to(device)
-
-
-class ResidentBlocks:
-    """Block loader for a model held whole in memory: each block visits the compute device for its turn.
-
-    A loader answers three questions of the pass: where the layers before the
-    first block run while its inputs are caught (:meth:`outside`), and what
-    happens to a block just before (:meth:`load`) and just after (:meth:`unload`)
-    its turn.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self._home: torch.device | None = None
-
-    @contextmanager
-    def outside(self, model: nn.Module, blocks: nn.ModuleList):
-        """The layers before the first block, on the compute device; yields where input ids go."""
-        home = next(model.parameters()).device
-        _move_outside_blocks(model, blocks, self.device)
-        try:
-            yield self.device
-        finally:
-            _move_outside_blocks(model, blocks, home)
-
-    def load(self, index: int, block: nn.Module) -> None:
-        self._home = next(block.parameters()).device
-        block.to(self.device)
-
-    def unload(self, index: int, block: nn.Module) -> None:
-        block.to(self._home)
-
-
-def default_loader(model: nn.Module, device: str | torch.device) -> ResidentBlocks:
-    """Blocks stay where accelerate placed them (a ``device_map``), else visit ``device`` one at a time."""
-    from .offload import DispatchedBlocks, is_dispatched
-
-    return DispatchedBlocks(model) if is_dispatched(model) else ResidentBlocks(device)
-
-
-def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, loader: ResidentBlocks,
+def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, loader: BlockLoader,
                              batch_size: int) -> list[BlockInputs]:
     """Run the model up to its first decoder block, once per batch of windows."""
     blocks = decoder_blocks(model)
@@ -198,7 +145,7 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
                    needs: Iterable[str] = (NORMS,), device: str | torch.device = "cpu",
                    batch_size: int | None = None, within_block: str = "sequential",
                    progress: bool = True, desc: str = "blocks",
-                   loader: ResidentBlocks | None = None) -> PassTimings:
+                   loader: BlockLoader | None = None) -> PassTimings:
     """Visit every linear map of every decoder block, in order, with its input statistics.
 
     ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``); with
@@ -212,7 +159,7 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
     timings = PassTimings()
     blocks = decoder_blocks(model)
     if within_block not in WITHIN_BLOCK_ORDERS:
-        raise ValueError(f"within_block must be one of {WITHIN_BLOCK_ORDERS}, got {within_block!r}")
+        raise ConfigError(f"within_block must be one of {WITHIN_BLOCK_ORDERS}, got {within_block!r}")
 
     if not needs:
         for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
@@ -226,7 +173,7 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
         return timings
 
     if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
-        raise ValueError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
+        raise ConfigError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
     batch_size = batch_size or windows.shape[0]
     if within_block == "sequential" and batch_size < windows.shape[0]:
         log.warning("within-block order 'sequential' needs all %d windows in one batch; "
@@ -271,7 +218,7 @@ def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
         if value is not None and not torch.isfinite(value).all():
             low = linear.weight.dtype in (torch.float16, torch.bfloat16)
             hint = "compute in float32 (--dtype float32)" if low else f"check the weights of blocks 0 to {index}"
-            raise ValueError(f"the activations entering block {index} {linear.name} are not finite (NaN or Inf) on "
+            raise ModelError(f"the activations entering block {index} {linear.name} are not finite (NaN or Inf) on "
                              f"the calibration windows: the model overflows there; {hint}")
 
 

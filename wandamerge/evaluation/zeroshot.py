@@ -18,16 +18,13 @@ from typing import Any
 
 import yaml
 
+from ..errors import ZeroShotError
 from .tasks import OFFLINE_TASKS, write_task
 
 log = logging.getLogger(__name__)
 
 
 _MANAGERS: dict[tuple, object] = {}
-
-
-class ZeroShotError(ValueError):
-    """A task cannot be resolved or run."""
 
 
 def resolve_task(spec: str | dict | os.PathLike, task_dir: str | Path | None = None) -> tuple[str, Any, str | None]:

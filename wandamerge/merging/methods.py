@@ -33,8 +33,9 @@ from typing import Callable, Literal
 
 import torch
 
-from .sparsify import (DEFAULT_EPSILON, DEFAULT_GAMMA, Rescale, check_density, get_sparsifier,
-                       resolve_sparsifier, sparsify, unknown_name_error)
+from ..core.selection import check_density
+from ..errors import ConfigError, lookup
+from .sparsify import Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
 
 # ----------------------------------------------------------------------------
 # small pure steps (as PEFT's merge_utils)
@@ -101,7 +102,7 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor, nor
     if normalize:
         total = weights.sum()
         if total.abs() < 1e-8:
-            raise ValueError(f"linear with normalize needs weights that do not sum to zero, got {weights.tolist()}")
+            raise ConfigError(f"linear with normalize needs weights that do not sum to zero, got {weights.tolist()}")
     result = torch.zeros_like(first, dtype=dtype)
     for tensor, coefficient in zip(tensors, weights.unbind(0)):
         result.addcmul_(tensor.to(dtype), coefficient.reshape((1,) * first.ndim))
@@ -114,101 +115,72 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor, nor
 # registry
 # ----------------------------------------------------------------------------
 
+COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]] = {
+    "sum": weighted_sum,    # sum_i w_i delta_i (task arithmetic)
+    "ties": ties_combine,   # sign election and disjoint mean (TIES)
+}
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method.
+    """A merge method as a row of data (mergekit's generalized task arithmetic, spelled out).
 
-    ``on="deltas"``: ``fn(weighted, weights, normalize)`` gets the stack of the
-    weighted, sparsified deltas ``(n, *shape)`` and the weights ``(n,)`` and
-    returns the merged delta. ``on="weights"``: ``fn(tensors, weights,
-    normalize)`` gets the full fine-tuned tensors and returns the merged tensor.
-    ``score`` is the default sparsifier (``None``: none), ``normalize`` and
-    ``rescale`` the defaults, all as in mergekit 0.1.5.
+    ``on="deltas"``: the sparsified, weighted deltas are combined by
+    ``COMBINERS[consensus]``. ``on="weights"``: the full fine-tuned tensors are
+    averaged (:func:`weighted_average`). ``score`` is the default sparsifier
+    (``None``: none), ``normalize`` and ``rescale`` the defaults, all as in
+    mergekit 0.1.5.
     """
 
     name: str
-    fn: Callable[..., torch.Tensor]
+    consensus: Literal["sum", "ties"] | None
     score: str | None
     normalize: bool
-    rescale: bool
+    rescale: bool = False
     on: Literal["deltas", "weights"] = "deltas"
     reference: str = ""
+
+    def combine(self, weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """The merged delta of a stack of weighted deltas ``(n, *shape)``."""
+        return COMBINERS[self.consensus](weighted, weights, normalize)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register_method(name: str, *, score: str | None, normalize: bool, rescale: bool = False,
-                    on: Literal["deltas", "weights"] = "deltas", reference: str = ""):
-    """Decorator: register a combine function (see :class:`MergeMethod`) under ``name``."""
-    if on not in ("deltas", "weights"):
-        raise ValueError(f"on={on!r}: expected 'deltas' or 'weights'")
-
-    def decorate(fn):
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        if score is not None:
-            get_sparsifier(score)
-        MERGE_METHODS[name] = MergeMethod(name, fn, score, normalize, rescale, on, reference)
-        return fn
-
-    return decorate
+def register_method(row: MergeMethod) -> MergeMethod:
+    """Add a merge method (checked: a known consensus and default sparsifier, a new name)."""
+    if row.on not in ("deltas", "weights"):
+        raise ConfigError(f"on={row.on!r}: expected 'deltas' or 'weights'")
+    if (row.on == "deltas") != (row.consensus in COMBINERS):
+        raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {sorted(COMBINERS)}")
+    if row.name in MERGE_METHODS:
+        raise ConfigError(f"merge method {row.name!r} is already registered")
+    if row.score is not None:
+        get_sparsifier(row.score)
+    MERGE_METHODS[row.name] = row
+    return row
 
 
 def get_method(name: str) -> MergeMethod:
-    try:
-        return MERGE_METHODS[name]
-    except (KeyError, TypeError):
-        raise unknown_name_error("merge method", name, MERGE_METHODS) from None
+    return lookup(MERGE_METHODS, "merge method", name)
 
 
-@register_method("linear", score=None, normalize=True, on="weights", reference="https://arxiv.org/abs/2203.05482")
-def linear(tensors, weights, normalize):
-    return weighted_average(tensors, weights, normalize)
-
-
-@register_method("task_arithmetic", score=None, normalize=False, reference="https://arxiv.org/abs/2212.04089")
-def task_arithmetic(weighted, weights, normalize):
-    return weighted_sum(weighted, weights, normalize)
-
-
-@register_method("ties", score="magnitude", normalize=True, reference="https://arxiv.org/abs/2306.01708")
-def ties(weighted, weights, normalize):
-    return ties_combine(weighted, weights, normalize)
-
-
-@register_method("dare_linear", score="random", normalize=False, rescale=True,
-                 reference="https://arxiv.org/abs/2311.03099")
-def dare_linear(weighted, weights, normalize):
-    return weighted_sum(weighted, weights, normalize)
-
-
-@register_method("dare_ties", score="random", normalize=False, rescale=True,
-                 reference="https://arxiv.org/abs/2311.03099")
-def dare_ties(weighted, weights, normalize):
-    return ties_combine(weighted, weights, normalize)
-
-
-@register_method("breadcrumbs", score="breadcrumbs", normalize=False, reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(weighted, weights, normalize):
-    return weighted_sum(weighted, weights, normalize)
-
-
-@register_method("breadcrumbs_ties", score="breadcrumbs", normalize=False,
-                 reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs_ties(weighted, weights, normalize):
-    return ties_combine(weighted, weights, normalize)
-
-
-@register_method("della", score="della", normalize=True, rescale=True, reference="https://arxiv.org/abs/2406.11617")
-def della(weighted, weights, normalize):
-    return ties_combine(weighted, weights, normalize)
-
-
-@register_method("della_linear", score="della", normalize=False, rescale=True,
-                 reference="https://arxiv.org/abs/2406.11617")
-def della_linear(weighted, weights, normalize):
-    return weighted_sum(weighted, weights, normalize)
+_TA, _TIES, _DARE, _BREADCRUMBS, _DELLA = ("https://arxiv.org/abs/2212.04089", "https://arxiv.org/abs/2306.01708",
+                                          "https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2312.06795",
+                                          "https://arxiv.org/abs/2406.11617")
+for _row in (
+    MergeMethod("linear", None, None, normalize=True, on="weights", reference="https://arxiv.org/abs/2203.05482"),
+    MergeMethod("task_arithmetic", "sum", None, normalize=False, reference=_TA),
+    MergeMethod("ties", "ties", "magnitude", normalize=True, reference=_TIES),
+    MergeMethod("dare_linear", "sum", "random", normalize=False, rescale=True, reference=_DARE),
+    MergeMethod("dare_ties", "ties", "random", normalize=False, rescale=True, reference=_DARE),
+    MergeMethod("breadcrumbs", "sum", "breadcrumbs", normalize=False, reference=_BREADCRUMBS),
+    MergeMethod("breadcrumbs_ties", "ties", "breadcrumbs", normalize=False, reference=_BREADCRUMBS),
+    MergeMethod("della", "ties", "della", normalize=True, rescale=True, reference=_DELLA),
+    MergeMethod("della_linear", "sum", "della", normalize=False, rescale=True, reference=_DELLA),
+):
+    register_method(_row)
 
 
 # ----------------------------------------------------------------------------
@@ -236,7 +208,7 @@ def _per_model_values(name: str, value, n: int, default=None) -> list:
         return [float(value)] * n
     values = list(value)
     if len(values) != n:
-        raise ValueError(f"{len(values)} {name} for {n} fine-tuned tensors")
+        raise ConfigError(f"{len(values)} {name} for {n} fine-tuned tensors")
     return [None if v is None else float(v) for v in values]
 
 
@@ -245,100 +217,138 @@ def _norms_per_model(input_sq_norms, n: int) -> list:
         return [input_sq_norms] * n
     norms = list(input_sq_norms)
     if len(norms) != n:
-        raise ValueError(f"{len(norms)} input norm vectors for {n} fine-tuned tensors")
+        raise ConfigError(f"{len(norms)} input norm vectors for {n} fine-tuned tensors")
     if any(v is None for v in norms) and not all(v is None for v in norms):
-        raise ValueError("input norms are given for some fine-tuned tensors but not for all")
+        raise ConfigError("input norms are given for some fine-tuned tensors but not for all")
     return norms
 
 
-def _per_model_options(spec: MergeMethod, n: int, weights, densities, gamma, epsilon, input_sq_norms, normalize):
-    """Weights, densities, gammas, epsilons and input norms, one per fine-tune, checked; and ``normalize``."""
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge of one tensor needs besides the tensors, checked before any is read.
+
+    One plan serves the whole-tensor merge (:func:`merge_tensor_detailed`) and
+    the block-by-block one (:mod:`.chunked`): weights, densities and sparsifier
+    options per fine-tune, and the sparsifier plan of each (``trims[i]``, None
+    when the method sparsifies nothing).
+    """
+
+    method: MergeMethod
+    shape: tuple[int, ...]
+    weights: list[float]
+    densities: list[float]
+    input_norms: list
+    normalize: bool
+    lambda_: float
+    rescale: Rescale
+    requested: str | None
+    trims: list[SparsifyPlan | None]
+
+    @property
+    def sparsifier(self) -> str | None:
+        """The sparsifier actually applied (None: none)."""
+        return None if self.trims[0] is None else self.trims[0].sparsifier.name
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return None if self.trims[-1] is None else self.trims[-1].fallback_reason
+
+    def result(self, tensor: torch.Tensor | None) -> "MergeResult":
+        return MergeResult(tensor, self.method.name, self.sparsifier, self.requested, self.fallback_reason,
+                           self.normalize, self.rescale, self.lambda_)
+
+
+def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[float] | float,
+               densities: Sequence[float] | float | None = None, *, score: str | None = None,
+               lambda_: float | None = None, normalize: bool | None = None, rescale: Rescale | None = None,
+               gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
+               pattern: str | None = None) -> MergePlan:
+    """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
+    :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
+    spec = get_method(method)
+    if n == 0:
+        raise ConfigError("merging needs at least one fine-tuned tensor")
     if isinstance(weights, (int, float)):
         weights = [weights] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} fine-tuned tensors")
+        raise ConfigError(f"{len(weights)} weights for {n} fine-tuned tensors")
     densities = [check_density(d) for d in _per_model_values("densities", densities, n, default=1.0)]
     gammas = _per_model_values("gamma values", gamma, n)
     epsilons = _per_model_values("epsilon values", epsilon, n)
     norms = _norms_per_model(input_sq_norms, n)
     normalize = spec.normalize if normalize is None else bool(normalize)
-    return weights, densities, gammas, epsilons, norms, normalize
-
-
-def _delta_options(spec: MergeMethod, shape: tuple[int, ...], densities, norms, score, lambda_, rescale, group,
-                   pattern, gamma, epsilon):
-    """``lambda_``, ``rescale``, the sparsifier asked for and the one used (with why they differ) of a
-    method on deltas."""
+    extras = {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}
+    if spec.on == "weights":
+        given = [k for k, v in {"score": score, "lambda_": lambda_, "rescale": rescale, **extras}.items()
+                 if v is not None] + (["densities"] if min(densities) < 1 else [])
+        if given:
+            raise ConfigError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
+        return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
     requested = spec.score if score is None else score
     if requested is None:
-        unused = [k for k, v in {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}.items()
-                  if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
+        unused = [k for k, v in extras.items() if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
         if unused:
-            raise ValueError(f"{spec.name} sparsifies nothing unless score= names a sparsifier; "
-                             f"got {', '.join(unused)}")
-        return lambda_, rescale, requested, None, None
-    chosen, reason = resolve_sparsifier(requested, shape, norms[0])
-    return lambda_, rescale, requested, chosen.name, reason
+            raise ConfigError(f"{spec.name} sparsifies nothing unless score= names a sparsifier; "
+                              f"got {', '.join(unused)}")
+        trims = [None] * n
+    else:
+        trims = [plan_sparsify(requested, tuple(shape), density=densities[i], rescale=rescale,
+                               input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i],
+                               epsilon=epsilons[i]) for i in range(n)]
+    return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims)
 
 
 def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
                           weights: Sequence[float] | float, densities: Sequence[float] | float | None = None, *,
-                          score: str | None = None, lambda_: float | None = None, normalize: bool | None = None,
-                          rescale: Rescale | None = None, gamma: Sequence[float] | float | None = None,
-                          epsilon: Sequence[float] | float | None = None,
-                          input_sq_norms: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-                          group: str | None = None, pattern: str | None = None,
-                          generator: torch.Generator | None = None) -> MergeResult:
+                          generator: torch.Generator | None = None, **options) -> MergeResult:
     """:func:`merge_tensor`, returning the tensor with what was applied."""
-    spec = get_method(method)
+    finetuned = list(finetuned)
+    _check_tensors(base, finetuned)
+    plan = plan_merge(method, tuple(base.shape), len(finetuned), weights, densities, **options)
+    return merge_with_plan(plan, base, finetuned, generator)
+
+
+def _check_tensors(base: torch.Tensor, finetuned: list) -> None:
     if not isinstance(base, torch.Tensor):
         raise TypeError("base must be a tensor")
-    finetuned = list(finetuned)
-    n = len(finetuned)
-    if n == 0:
-        raise ValueError("merging needs at least one fine-tuned tensor")
     for i, t in enumerate(finetuned):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"finetuned[{i}] is not a tensor")
         if t.shape != base.shape:
-            raise ValueError(f"shape mismatch: base {tuple(base.shape)}, finetuned[{i}] {tuple(t.shape)}")
+            raise ConfigError(f"shape mismatch: base {tuple(base.shape)}, finetuned[{i}] {tuple(t.shape)}")
     if not all(t.is_floating_point() for t in [base, *finetuned]):
         raise TypeError("merging needs floating-point tensors")
-    weights, densities, gammas, epsilons, norms, normalize = _per_model_options(
-        spec, n, weights, densities, gamma, epsilon, input_sq_norms, normalize)
+
+
+def merge_with_plan(plan: MergePlan, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
+                    generator: torch.Generator | None = None) -> MergeResult:
+    """Merge whole tensors as ``plan`` says (see :func:`plan_merge`)."""
+    finetuned = list(finetuned)
+    _check_tensors(base, finetuned)
+    if tuple(base.shape) != plan.shape or len(finetuned) != len(plan.weights):
+        raise ConfigError(f"a plan for {len(plan.weights)} tensors of shape {plan.shape} got {len(finetuned)} of "
+                          f"shape {tuple(base.shape)}")
     work = torch.float64 if any(t.dtype == torch.float64 for t in [base, *finetuned]) else torch.float32
-
-    if spec.on == "weights":
-        extras = {"score": score, "lambda_": lambda_, "rescale": rescale, "gamma": gamma, "epsilon": epsilon,
-                  "group": group, "pattern": pattern}
-        given = [k for k, v in extras.items() if v is not None] + (["densities"] if min(densities) < 1 else [])
-        if given:
-            raise ValueError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
+    if plan.method.on == "weights":
         tensors = [t.to(device=base.device, dtype=work) for t in finetuned]
-        merged = spec.fn(tensors, torch.tensor(weights, dtype=work), normalize)
-        return MergeResult(merged.to(base.dtype), spec.name, None, None, None, normalize, False, 1.0)
-
-    lambda_, rescale, requested, used, reason = _delta_options(spec, tuple(base.shape), densities, norms, score,
-                                                               lambda_, rescale, group, pattern, gamma, epsilon)
-
+        return plan.result(weighted_average(tensors, torch.tensor(plan.weights, dtype=work), plan.normalize)
+                           .to(base.dtype))
     base_w = base.to(work)
-    weight_t = torch.tensor(weights, dtype=work, device=base.device)
 
     def sparsified(i: int) -> torch.Tensor:
-        nonlocal reason
         delta = finetuned[i].to(device=base.device, dtype=work) - base_w
-        if used is None:
+        trim = plan.trims[i]
+        if trim is None:
             return delta
-        done = sparsify(requested, delta, density=densities[i], rescale=rescale, generator=generator,
-                        input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i], epsilon=epsilons[i])
-        reason = done.fallback_reason
-        return done.delta
+        return trim.apply(delta, plan.densities[i], plan.rescale, generator, plan.input_norms[i])
 
-    merged = combine_deltas(spec, base_w, (sparsified(i) for i in range(n)), weight_t, normalize, lambda_)
-    return MergeResult(merged.to(base.dtype), spec.name, used, requested, reason, normalize, rescale, lambda_)
+    weight_t = torch.tensor(plan.weights, dtype=work, device=base.device)
+    merged = combine_deltas(plan.method, base_w, (sparsified(i) for i in range(len(finetuned))), weight_t,
+                            plan.normalize, plan.lambda_)
+    return plan.result(merged.to(base.dtype))
 
 
 def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: torch.Tensor, normalize: bool,
@@ -357,20 +367,20 @@ def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: tor
     return mixed.add_(base_w)
 
 
-_COMBINE_CHUNK = 1 << 20  # entries per model combined at a time
+COMBINE_CHUNK = 1 << 20  # entries per model combined at a time
 
 
 def _combine_in_chunks(spec: "MergeMethod", weighted: torch.Tensor, weights: torch.Tensor,
                        normalize: bool) -> torch.Tensor:
     """The combine step is entry-wise across models, so large tensors are combined in row chunks
     to keep its temporaries small; the result is the same as one call on the whole stack."""
-    if weighted.ndim < 3 or weighted[0].numel() <= _COMBINE_CHUNK:
-        return spec.fn(weighted, weights, normalize)
+    if weighted.ndim < 3 or weighted[0].numel() <= COMBINE_CHUNK:
+        return spec.combine(weighted, weights, normalize)
     rows = weighted.shape[1]
-    step = max(1, _COMBINE_CHUNK // max(1, weighted[0, 0].numel()))
+    step = max(1, COMBINE_CHUNK // max(1, weighted[0, 0].numel()))
     out = torch.empty(weighted.shape[1:], dtype=weighted.dtype, device=weighted.device)
     for start in range(0, rows, step):
-        out[start:start + step] = spec.fn(weighted[:, start:start + step], weights, normalize)
+        out[start:start + step] = spec.combine(weighted[:, start:start + step], weights, normalize)
     return out
 
 
@@ -407,7 +417,8 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
 
 
 __all__ = [
-    "DEFAULT_EPSILON", "DEFAULT_GAMMA", "MERGE_METHODS", "MergeMethod", "MergeResult", "agreement_mask",
-    "disjoint_merge", "elect_sign", "get_method", "merge_tensor", "merge_tensor_detailed", "register_method",
+    "COMBINERS", "MERGE_METHODS", "MergeMethod", "MergeResult", "agreement_mask",
+    "disjoint_merge", "elect_sign", "get_method", "merge_tensor", "merge_tensor_detailed", "merge_with_plan",
+    "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]

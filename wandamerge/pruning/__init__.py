@@ -1,4 +1,4 @@
-"""Pruning: scores, masks, methods and the in-memory ``prune`` API."""
+"""Pruning a model in place: every linear map of its decoder blocks, by a registered method, through the runner."""
 
 from __future__ import annotations
 
@@ -9,20 +9,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..models import LinearMap, ModelError, block_prefix, decoder_blocks
-from ..runner import InputStats, ResidentBlocks, blockwise_pass
-from .masks import cumulative_alpha_mask, nm_mask, parse_pattern, row_mask, tensor_mask
-from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, register_prune_method
-from .scores import magnitude_score, wanda_score
-from .sparsegpt import sparsegpt_prune
+from ..errors import ConfigError, ModelError
+from ..loaders import BlockLoader
+from ..models import LinearMap, block_linears, block_prefix, decoder_blocks
+from ..runner import InputStats, blockwise_pass
+from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PRUNE_METHODS", "PruneReport", "PruneTarget", "cumulative_alpha_mask", "get_prune_method",
-    "magnitude_score", "nm_mask", "parse_pattern", "prune", "register_prune_method", "row_mask",
-    "sparsegpt_prune", "tensor_mask", "wanda_score",
-]
+__all__ = ["PRUNE_METHODS", "PruneReport", "PruneTarget", "get_prune_method", "keep_mask", "prune", "prune_weight",
+           "register_prune_method"]
 
 
 @dataclass
@@ -37,30 +33,27 @@ class PruneReport:
     overall_sparsity: float = 0.0  # over all pruned linear maps
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: str = "wanda",
           sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
           update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
           within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
-          progress: bool = True, loader: ResidentBlocks | None = None) -> PruneReport:
+          progress: bool = True, loader: BlockLoader | None = None) -> PruneReport:
     """Prune every linear map in the decoder blocks of ``model`` in place.
 
     ``calibration`` is an integer tensor of token windows ``(nsamples, seqlen)``;
     methods that need no activations (magnitude without ``update``) ignore it.
     Embeddings and the LM head are never pruned. ``loader`` says where blocks
     come from and go to (see :func:`wandamerge.runner.blockwise_pass`; a
-    :class:`wandamerge.streaming.StreamedModel` gives one that reads and writes
-    one block at a time).
+    :class:`wandamerge.loaders.StreamedModel` gives one that reads one block at
+    a time and hands it to the job's ``after_block`` when done).
     """
     prune_method = get_prune_method(method)
     target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
                          update=update, blocksize=blocksize, percdamp=percdamp)
     needs = prune_method.needs_for(target)
     if needs and calibration is None:
-        raise ValueError(f"method {method!r} needs calibration windows")
+        raise ConfigError(f"method {method!r} needs calibration windows")
     blocks = decoder_blocks(model)
     prefix = block_prefix(model)
     if target.nm:
@@ -107,9 +100,7 @@ def _check_finite_weights(model: nn.Module) -> None:
 
 
 def _check_widths(blocks: nn.ModuleList, m: int) -> None:
-    from ..models import block_linears
-
     for linear in block_linears(blocks[0]):
         if linear.in_features % m:
-            raise ValueError(f"N:M pattern needs every input width divisible by {m}; "
+            raise ConfigError(f"N:M pattern needs every input width divisible by {m}; "
                              f"{linear.name} has {linear.in_features} inputs")

@@ -1,7 +1,9 @@
-"""Pruning methods, registered by name.
+"""Pruning methods, registered by name: one weight and the statistics of its inputs in, the pruned weight out.
 
-A method turns one weight ``(out, in)`` and the statistics of its inputs into
-a pruned weight and its mask. Adding a method is one decorated function.
+A method turns one weight ``(out, in)`` into a pruned weight and its keep-mask
+(True = kept, :mod:`wandamerge.core.selection`). Adding a method is one
+decorated function; :meth:`PruneMethod.needs_for` tells the runner which input
+statistics to collect.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from typing import Callable
 
 import torch
 
+from ..core.scores import magnitude_score, wanda_score
+from ..core.selection import (check_group, check_sparsity, cumulative_alpha_keep, keep_after_pruning, keep_n_of_m,
+                              parse_pattern)
+from ..core.sparsegpt import sparsegpt_prune
+from ..errors import ConfigError, lookup
 from ..runner import GRAM, NORMS, InputStats
-from .masks import check_sparsity, cumulative_alpha_mask, nm_mask, parse_pattern, row_mask, tensor_mask
-from .scores import magnitude_score, wanda_score
-from .sparsegpt import sparsegpt_prune
-
-GROUPS = ("row", "tensor")
 
 
 @dataclass(frozen=True)
@@ -28,22 +30,21 @@ class PruneTarget:
     group: str = "row"  # comparison group for unstructured masks
     variant: bool = False  # Wanda's cumulative-score alpha search
     update: bool = False  # least-squares update of the kept weights
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = 128  # SparseGPT's lazy-update block of columns
+    percdamp: float = 0.01  # SparseGPT's dampening, a fraction of the mean diagonal of X^T X
 
     def __post_init__(self):
         if self.pattern is not None:
             parse_pattern(self.pattern)
         else:
             check_sparsity(self.sparsity)
-        if self.group not in GROUPS:
-            raise ValueError(f"group must be one of {GROUPS}, got {self.group!r}")
+        check_group(self.group)
         if self.variant and (self.pattern or self.group != "row"):
-            raise ValueError("the cumulative-score variant applies to unstructured per-row pruning only")
+            raise ConfigError("the cumulative-score variant applies to unstructured per-row pruning only")
         if self.blocksize <= 0:
-            raise ValueError("blocksize must be positive")
+            raise ConfigError("blocksize must be positive")
         if self.percdamp < 0:
-            raise ValueError("percdamp must be non-negative")
+            raise ConfigError("percdamp must be non-negative")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -57,24 +58,22 @@ class PruneTarget:
         return self.sparsity
 
 
-def mask_from_score(score: torch.Tensor, target: PruneTarget) -> torch.Tensor:
-    """The mask a score gives under a target: N:M, per-row, per-tensor or the alpha variant."""
+def keep_mask(score: torch.Tensor, target: PruneTarget) -> torch.Tensor:
+    """The keep-mask a score gives under a target: N:M, per row, per tensor or the alpha variant."""
     if target.nm:
-        return nm_mask(score, *target.nm)
+        return keep_n_of_m(score, *target.nm)
     if target.variant:
-        return cumulative_alpha_mask(score, target.sparsity)[0]
-    if target.group == "row":
-        return row_mask(score, target.sparsity)
-    return tensor_mask(score, target.sparsity)
+        return cumulative_alpha_keep(score, target.sparsity)[0]
+    return keep_after_pruning(score, target.sparsity, target.group)
 
 
-def apply_mask(weight: torch.Tensor, mask: torch.Tensor, stats: InputStats | None,
-               target: PruneTarget) -> torch.Tensor:
-    """Zero the masked weights, or (``target.update``) also refit the kept ones by least squares."""
+def prune_weight(weight: torch.Tensor, keep: torch.Tensor, stats: InputStats | None,
+                 target: PruneTarget) -> torch.Tensor:
+    """Zero the weights not kept, or (``target.update``) also refit the kept ones by least squares."""
     if target.update:
-        return sparsegpt_prune(weight, stats.gram, mask=mask, blocksize=target.blocksize,
+        return sparsegpt_prune(weight, stats.gram, keep=keep, blocksize=target.blocksize,
                                percdamp=target.percdamp)[0]
-    return weight.masked_fill(mask, 0)
+    return weight.masked_fill(~keep, 0)
 
 
 PruneFn = Callable[[torch.Tensor, "InputStats | None", PruneTarget], "tuple[torch.Tensor, torch.Tensor]"]
@@ -102,23 +101,21 @@ def register_prune_method(name: str, needs: tuple[str, ...] = ()):
 
 
 def get_prune_method(name: str) -> PruneMethod:
-    if name not in PRUNE_METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(sorted(PRUNE_METHODS))}")
-    return PRUNE_METHODS[name]
+    return lookup(PRUNE_METHODS, "pruning method", name)
 
 
 @register_prune_method("magnitude")
 def magnitude(weight, stats, target):
     """|W|, compared per row or per tensor (the classic baseline)."""
-    mask = mask_from_score(magnitude_score(weight), target)
-    return apply_mask(weight, mask, stats, target), mask
+    keep = keep_mask(magnitude_score(weight), target)
+    return prune_weight(weight, keep, stats, target), keep
 
 
 @register_prune_method("wanda", needs=(NORMS,))
 def wanda(weight, stats, target):
     """|W_ij| * ||X_j||_2 (Sun et al., 2023), compared per output row by default."""
-    mask = mask_from_score(wanda_score(weight, stats.sq_norms), target)
-    return apply_mask(weight, mask, stats, target), mask
+    keep = keep_mask(wanda_score(weight, stats.sq_norms), target)
+    return prune_weight(weight, keep, stats, target), keep
 
 
 @register_prune_method("sparsegpt", needs=(GRAM,))

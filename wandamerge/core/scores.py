@@ -1,12 +1,14 @@
-"""Importance scores: tensors in, tensors out.
+"""Importance scores of weights and deltas: tensors in, tensors out.
 
-A score has the shape of the weight ``(out_features, in_features)``; low
-scores are pruned first.
+A score has the shape of the weight ``(out_features, in_features)``; high
+scores are kept first (see :mod:`.selection`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import ConfigError
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
@@ -17,7 +19,7 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 def wanda_score(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
     """``|W_ij| * ||X_j||_2`` with ``input_sq_norms[j] = sum over tokens of x_j ** 2``."""
     if input_sq_norms.shape != (weight.shape[1],):
-        raise ValueError(
+        raise ConfigError(
             f"input norms have shape {tuple(input_sq_norms.shape)}, expected ({weight.shape[1]},) "
             f"for a weight of shape {tuple(weight.shape)}"
         )

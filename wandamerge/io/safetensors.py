@@ -1,10 +1,4 @@
-"""Lazy access to the tensors of merge inputs, and a streaming shard writer.
-
-A full checkpoint is read tensor by tensor from its safetensors shards
-(``safe_open``), so a merge holds one tensor per input at a time. A PEFT LoRA
-adapter is seen as the checkpoint it would give when merged into the base:
-its delta for an adapted matrix is ``scaling * B @ A``.
-"""
+"""safetensors on disk: tensors read lazily one at a time (or by rows), and shards written as tensors arrive."""
 
 from __future__ import annotations
 
@@ -18,11 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import ConfigError, InputError
+from .dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES, element_size
+
 log = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """A merge input that cannot be used, with a message saying why."""
 
 
 def read_json(file: Path) -> dict:
@@ -123,7 +116,7 @@ class FileRows:
 
     def __init__(self, file: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
         self.file, self.offset, self.shape, self.dtype = Path(file), offset, tuple(shape), dtype
-        self.row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = math.prod(shape[1:]) * element_size(dtype)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         size = (stop - start) * self.row_bytes
@@ -162,119 +155,14 @@ def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-class LoraAdapter:
-    """A PEFT LoRA adapter directory, seen as deltas on the base's tensor names."""
-
-    kind = "lora"
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        config_file = self.path / "adapter_config.json"
-        if not config_file.is_file():
-            raise InputError(f"{self.path} is not a PEFT adapter (no adapter_config.json)")
-        self.config = read_json(config_file)
-        if self.config.get("peft_type", "LORA") != "LORA":
-            raise InputError(f"{self.path}: only LoRA adapters can be merged, not {self.config.get('peft_type')}")
-        weights = self.path / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise InputError(f"{self.path} has no adapter_model.safetensors")
-        read_header(weights)  # a damaged file is named, not a safetensors traceback
-        with safe_open(weights, "pt") as handle:
-            self._tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        self.rank = int(self.config.get("r", 8))
-        self.alpha = float(self.config.get("lora_alpha", self.rank))
-        self.rslora = bool(self.config.get("use_rslora", False))
-        self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        self.base_model_name = self.config.get("base_model_name_or_path")
-        self.pairs: dict[str, tuple[str, str]] = {}  # base tensor name -> (A key, B key)
-        self.full: dict[str, str] = {}  # base tensor name -> key of a fully saved module
-        for key in self._tensors:
-            match = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_A(?:\.[^.]+)?\.weight$", key)
-            if match:
-                module = match.group(1)
-                b_key = key.replace(".lora_A", ".lora_B")
-                if b_key not in self._tensors:
-                    raise InputError(f"{self.path}: {key} has no matching lora_B")
-                self.pairs[f"{module}.weight"] = (key, b_key)
-            elif ".lora_" not in key and ".lora_magnitude_vector" not in key:
-                name = re.sub(r"^base_model\.model\.", "", key)
-                name = name.replace(".modules_to_save.default", "").replace(".original_module", "")
-                self.full[name] = key
-        if not self.pairs and not self.full:
-            raise InputError(f"{self.path}: the adapter holds no LoRA weights")
-
-    def scaling(self, name: str) -> float:
-        module = name.removesuffix(".weight")
-        rank = self.rank
-        alpha = self.alpha
-        for pattern, value in (self.config.get("rank_pattern") or {}).items():
-            if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
-                rank = int(value)
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
-                alpha = float(value)
-        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
-
-    def adapts(self, name: str) -> bool:
-        return name in self.pairs or name in self.full
-
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """The change this adapter makes to the base tensor ``name`` (None: untouched)."""
-        if name in self.full:
-            return self._tensors[self.full[name]].float() - base.float()
-        if name not in self.pairs:
-            return None
-        a_key, b_key = self.pairs[name]
-        a = self._tensors[a_key].float()
-        b = self._tensors[b_key].float()
-        delta = (b @ a) * self.scaling(name)
-        if self.fan_in_fan_out:
-            delta = delta.T
-        if delta.shape != base.shape:
-            raise InputError(f"{self.path}: LoRA delta for {name} has shape {tuple(delta.shape)} but the base "
-                             f"tensor has {tuple(base.shape)}; the adapter was made for another base model")
-        return delta
-
-    def names(self) -> list[str]:
-        return list(self.pairs) + list(self.full)
-
-    def delta_shape(self, name: str) -> tuple[int, ...]:
-        """The shape of the base tensor this adapter was made for, from its weights alone."""
-        if name in self.full:
-            return tuple(self._tensors[self.full[name]].shape)
-        a_key, b_key = self.pairs[name]
-        shape = (self._tensors[b_key].shape[0], self._tensors[a_key].shape[-1])
-        return shape[::-1] if self.fan_in_fan_out else shape
-
-
-def open_input(path: str | os.PathLike):
-    """A full checkpoint or a LoRA adapter, by what the directory holds."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"merge input {path} does not exist; check the path in the recipe")
-    if not path.is_dir():
-        raise InputError(f"merge input {path} is not a directory (a transformers checkpoint or a PEFT adapter)")
-    if (path / "adapter_config.json").is_file():
-        return LoraAdapter(path)
-    return Checkpoint(path)
-
-
-def _parse_size(size: str | int) -> int:
+def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", size.upper())
     if not match:
-        raise ValueError(f"cannot read the shard size {size!r} (e.g. 2GB, 500MB)")
+        raise ConfigError(f"cannot read the shard size {size!r} (e.g. 2GB, 500MB)")
     unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[match.group(2)]
     return int(float(match.group(1)) * unit)
-
-
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class ShardWriter:
@@ -288,7 +176,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_size: str | int = "2GB"):
         self.out_dir = Path(out_dir)
-        max_bytes = _parse_size(max_shard_size)
+        max_bytes = parse_size(max_shard_size)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         used = 0
         for entry in plan:
@@ -368,4 +256,4 @@ class ShardWriter:
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * element_size(dtype)

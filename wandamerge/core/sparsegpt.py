@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+from .selection import keep_n_of_m, keep_per_tensor
+
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of ``(H + damp I)^-1``, and the mask of dead inputs.
@@ -29,21 +32,22 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.0,
-                    n: int = 0, m: int = 0, mask: torch.Tensor | None = None,
+                    n: int = 0, m: int = 0, keep: torch.Tensor | None = None,
                     blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out, in) given ``hessian = X^T X`` (in, in).
 
     Exactly one of: ``sparsity`` (unstructured, adaptive mask per column block),
-    ``n``/``m`` (N:M), or a fixed ``mask`` (True = prune; only the weight update).
-    Returns the updated weight (in ``weight``'s dtype) and the mask.
+    ``n``/``m`` (N:M), or a fixed ``keep`` mask (True = keep; only the weight update).
+    Masks are chosen by :mod:`.selection` (lowest saliency ``w^2 / [H^-1]_jj^2`` dropped).
+    Returns the updated weight (in ``weight``'s dtype) and its keep-mask.
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+        raise ConfigError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if n and cols % m:
-        raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
+        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}")
     if n and blocksize % m:
-        raise ValueError(f"SparseGPT with N:M {n}:{m} needs a blocksize divisible by {m}, got {blocksize}")
+        raise ConfigError(f"SparseGPT with N:M {n}:{m} needs a blocksize divisible by {m}, got {blocksize}")
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     hinv, dead = inverse_hessian_factor(hessian.to(w.device), percdamp)
     w[:, dead] = 0
@@ -55,23 +59,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         hinv_block = hinv[start:end, start:end]
         diag = torch.diag(hinv_block)
         err_block = torch.zeros_like(w_block)
-        if mask is not None:
-            mask_block = mask[:, start:end].to(w.device).clone()
+        if keep is not None:
+            mask_block = ~keep[:, start:end].to(w.device)
         elif not n:
             saliency = w_block ** 2 / diag.unsqueeze(0) ** 2
-            k = int(saliency.numel() * sparsity)
-            mask_block = torch.zeros_like(w_block, dtype=torch.bool)
-            if k:
-                flat = mask_block.view(-1)
-                flat[torch.sort(saliency.flatten(), stable=True).indices[:k]] = True
+            mask_block = ~keep_per_tensor(saliency, saliency.numel() - int(saliency.numel() * sparsity))
         else:
             mask_block = torch.zeros_like(w_block, dtype=torch.bool)
 
         for i in range(end - start):
             if n and i % m == 0:
                 saliency = w_block[:, i:i + m] ** 2 / diag[i:i + m].unsqueeze(0) ** 2
-                lowest = torch.sort(saliency, dim=1, stable=True).indices[:, :n]
-                mask_block.scatter_(1, i + lowest, True)
+                mask_block[:, i:i + m] = ~keep_n_of_m(saliency, n, m)
             column = w_block[:, i]
             kept = torch.where(mask_block[:, i], torch.zeros_like(column), column)
             err = (column - kept) / hinv_block[i, i]
@@ -84,9 +83,5 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         w[:, end:] -= err_block @ hinv[start:end, end:]
 
     w[pruned] = 0
-    return w.to(weight.dtype), pruned
+    return w.to(weight.dtype), ~pruned
 
-
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, inputs: torch.Tensor) -> float:
-    """``||W X^T - W' X^T||_F`` for inputs ``X`` of shape (tokens, in)."""
-    return torch.linalg.norm((weight.float() - new_weight.float()) @ inputs.float().T).item()

@@ -1,50 +1,20 @@
-"""Resolve merge inputs to local directories and check they fit the base before any heavy work."""
+"""Merge inputs opened from their model arguments, and checked to fit the base before any heavy work."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
-from ..models import ModelError, default_cache_dir, load_model, save_model
-from .sources import Checkpoint, InputError, LoraAdapter, open_input
+from ..errors import InputError
+from ..io.adapters import LoraAdapter, open_input
+from ..io.safetensors import Checkpoint
+from ..models import local_model_dir
 
 log = logging.getLogger(__name__)
 
 # Config keys that must agree between the base and a fine-tune.
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads",
               "n_head", "num_key_value_heads", "intermediate_size")
-
-
-def local_model_dir(spec: str) -> Path:
-    """A directory for ``spec``: local dirs as they are, ``.gguf`` converted once into the cache,
-    ``smollm2`` the embedded default, hub ids downloaded (for users online)."""
-    from ..pipeline import EMBEDDED_MODELS
-
-    if spec in EMBEDDED_MODELS:
-        return Path(EMBEDDED_MODELS[spec]())
-    path = Path(spec)
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise InputError(f"GGUF file {spec} does not exist; check the path in the recipe")
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        target = default_cache_dir() / "gguf" / f"{path.stem}-{key}"
-        if not (target / "config.json").is_file():
-            model, tokenizer = load_model(path)
-            save_model(model, tokenizer, target, overwrite=True)
-        return target
-    if path.exists():
-        return path
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise InputError(f"merge input {spec} does not exist; check the path in the recipe")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as exc:  # offline, unknown repo, ...
-        raise InputError(f"{spec} is not a local path and could not be fetched from the hub: "
-                         f"{str(exc).splitlines()[0]}") from None
 
 
 def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapter]) -> list[str]:
@@ -97,18 +67,4 @@ def open_inputs(specs: list[str]) -> dict[str, Checkpoint | LoraAdapter]:
     return {spec: open_input(local_model_dir(spec)) for spec in specs}
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file (for the run record)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def input_digests(path: Path) -> dict[str, str]:
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
-    return {p.name: file_digest(p) for p in files}
-
-
-__all__ = ["InputError", "ModelError", "check_compatible", "input_digests", "local_model_dir", "open_inputs"]
+__all__ = ["check_compatible", "open_inputs"]

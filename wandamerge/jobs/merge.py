@@ -1,0 +1,417 @@
+"""The merge job: inputs checked first, activations collected once, then the model merged tensor by tensor.
+
+The order of work:
+
+1. validate the recipe (already typed) and open every input lazily;
+2. check that every fine-tune fits the base (architecture, names, shapes, vocabulary);
+3. when the sparsifier needs input norms (``score: wanda``), run the calibration
+   windows once through the base model with the shared layer-by-layer runner and
+   keep ``sum x_j^2`` per linear map (or through each fine-tune, with
+   ``activations: finetuned``);
+4. stream the base's tensors one at a time: plan the tensor's merge
+   (:func:`~wandamerge.merging.methods.plan_merge`, every parameter resolved at
+   the tensor's layer position ``t`` as mergekit does), read the same tensor from
+   every input, sparsify each delta, combine, write to the output shard. A tensor
+   of ``LEAN_MIN_NUMEL`` entries or more (an embedding, an LM head) is merged
+   block of rows by block of rows where :mod:`~wandamerge.merging.chunked` covers
+   the plan, with the same result, so memory holds blocks, not tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..calibration import calibration_windows
+from ..core.selection import selects_lean
+from ..errors import InputError
+from ..io.adapters import LoraAdapter, open_input
+from ..io.dtypes import TORCH_DTYPES, dtype_name, torch_dtype
+from ..io.record import input_digests, peak_memory, versions
+from ..io.safetensors import Checkpoint, ShardWriter, TensorRows
+from ..io.staging import check_output_dir, staged_output
+from ..loaders import StreamedModel, should_stream
+from ..merging.chunked import chunked_merge_applies, merge_rows
+from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
+from ..merging.sparsify import get_sparsifier
+from ..models import BLOCK_PATHS, block_prefix, load_model, load_tokenizer, local_model_dir
+from ..recipe import Calibration, MergeRecipe, resolve
+from ..runner import NORMS, blockwise_pass
+from .merge_inputs import check_compatible, open_inputs
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+@dataclass
+class InputNorms:
+    sq_norms: torch.Tensor  # (in_features,)
+    transposed: bool  # the stored tensor is (in, out), as GPT-2's Conv1D
+
+
+@dataclass
+class MergeInputs:
+    """The opened, checked inputs of a recipe."""
+
+    base_dir: Path
+    base: Checkpoint
+    inputs: dict  # model spec -> Checkpoint | LoraAdapter
+    notes: list[str]
+    prefix: str
+    num_layers: int
+
+
+def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
+                        progress: bool = True, loader=None) -> dict[str, InputNorms]:
+    """``sum x_j^2`` of the inputs of every decoder linear map, keyed by its weight's tensor name.
+
+    The visitor changes nothing, so every map sees the unmodified model's activations.
+    ``loader``: where the blocks come from (a :class:`~wandamerge.loaders.StreamedModel`'s
+    reads them from disk one at a time).
+    """
+    prefix = block_prefix(model)
+    norms: dict[str, InputNorms] = {}
+
+    def visit(index, linear, stats):
+        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(stats.sq_norms.cpu(), linear.transposed)
+
+    blockwise_pass(model, windows, visit, needs={NORMS}, device=device, batch_size=batch_size,
+                   within_block="sequential" if batch_size is None else "parallel", progress=progress,
+                   desc="activations", loader=loader)
+    return norms
+
+
+def layer_position(name: str, prefix: str, num_layers: int) -> float:
+    """mergekit's ``t`` for gradients: layer index / (layers - 1); 0 outside the blocks."""
+    match = re.match(rf"^{re.escape(prefix)}\.(\d+)\.", name)
+    if not match:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
+          overwrite: bool = False, progress: bool = True, max_shard_size: str = "2GB",
+          low_memory: bool | None = None) -> dict:
+    """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
+
+    The merge itself streams one tensor per input. ``low_memory`` concerns the
+    calibration pass of activation scores: read the base one block at a time from
+    its shards (``None``: when the base would take more than half the available RAM).
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    opened, out = open_merge_inputs(recipe, out, overwrite)
+    seconds["open_and_check"] = time.perf_counter() - t0
+    score = _score(recipe)
+    norms_per_input, calib_record = [None] * len(recipe.models), None
+    if score is not None and get_sparsifier(score).needs_input_norms:
+        t0 = time.perf_counter()
+        norms_per_input, calib_record = _activations(recipe, opened, device, progress, low_memory)
+        seconds["activations"] = time.perf_counter() - t0
+    hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
+    digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
+    digests[None] = hashing.submit(input_digests, opened.base_dir)
+    try:
+        with staged_output(out, overwrite) as tmp:
+            t0 = time.perf_counter()
+            per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, tmp, max_shard_size, progress)
+            seconds["merge_and_write"] = time.perf_counter() - t0
+            _write_config_and_tokenizer(recipe, opened.base_dir, tmp, _out_dtype(recipe) or _dtype_of(opened.base))
+            record = {
+                "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
+                "score": score, "group": _group(recipe), "pattern": _pattern(recipe) or "unstructured",
+                "calibration": calib_record,
+                "inputs": {spec: {"kind": opened.inputs[spec].kind, "sha256": digests[spec].result()}
+                           for spec in _specs(recipe)},
+                "base": {"path": str(opened.base_dir), "sha256": digests[None].result()},
+                "notes": opened.notes, "fallbacks": fallbacks, "per_tensor": per_tensor, "versions": versions(),
+                "seconds": {**{k: round(v, 3) for k, v in seconds.items()},
+                            "total": round(time.perf_counter() - t_start, 3)},
+                "peak_memory": peak_memory(device),
+            }
+            (tmp / "wandamerge.json").write_text(json.dumps(record, indent=2))
+            (tmp / "README.md").write_text(merge_card(recipe, recipe_text, record))
+    finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
+    return record
+
+
+def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> tuple[MergeInputs, Path]:
+    """Open every input lazily and check it fits the base, before any heavy work; the checked output path."""
+    base_spec = recipe.base_model or recipe.models[0].model
+    base_dir = local_model_dir(base_spec)
+    base = open_input(base_dir)
+    if not isinstance(base, Checkpoint):
+        raise InputError(f"base model {base_spec} must be a full checkpoint, not an adapter")
+    out = check_output_dir(out, [str(base_dir)] + _specs(recipe), overwrite)
+    inputs = open_inputs(_specs(recipe))
+    notes = check_compatible(base, inputs)
+    model_type = base.config.get("model_type")
+    if model_type not in BLOCK_PATHS:
+        raise InputError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(BLOCK_PATHS))}")
+    num_layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer"))
+    opened = MergeInputs(base_dir, base, inputs, notes, BLOCK_PATHS[model_type], num_layers)
+    _check_weights(recipe, opened)
+    return opened, out
+
+
+def _specs(recipe: MergeRecipe) -> list[str]:
+    return [m.model for m in recipe.models]
+
+
+def _score(recipe: MergeRecipe) -> str | None:
+    """The sparsifier asked for: the recipe's ``sparsify.score``, else the method's own (None: none)."""
+    asked = recipe.sparsify.score if recipe.sparsify else None
+    return asked or get_method(recipe.merge_method).score
+
+
+def _group(recipe: MergeRecipe) -> str | None:
+    return recipe.sparsify.group if recipe.sparsify else None
+
+
+def _pattern(recipe: MergeRecipe) -> str | None:
+    pattern = recipe.sparsify.pattern if recipe.sparsify else None
+    return None if pattern == "unstructured" else pattern
+
+
+def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
+    """Every model needs a weight for every tensor (as in mergekit), checked before any heavy work."""
+    for entry in recipe.models:
+        for name in opened.base.names():
+            t = layer_position(name, opened.prefix, opened.num_layers)
+            if resolve("weight", (entry.parameters, recipe.parameters), name, t) is None:
+                raise InputError(f"model {entry.model} has no weight for {name}; set parameters.weight")
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
+                 low_memory: bool | None) -> tuple[list[dict[str, InputNorms]], dict]:
+    """Input norms of every linear map, per input model (the base's for all, or each fine-tune's own)."""
+    calib = recipe.calibration or Calibration()
+    streamed = None
+    if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
+        streamed = StreamedModel(opened.base_dir, dtype="float32")
+        model, tokenizer = streamed.model, load_tokenizer(opened.base_dir)
+    else:
+        model, tokenizer = load_model(str(opened.base_dir), dtype="float32")
+    windows = calibration_windows(calib.data, tokenizer, calib.nsamples, calib.seqlen, seed=calib.seed,
+                                  vocab_size=model.config.vocab_size)
+    calib_record = {**calib.model_dump(), "windows": list(windows.shape), "low_memory": streamed is not None}
+
+    def collect(loader=None):
+        return collect_input_norms(model, windows, device=device, batch_size=calib.batch_size, progress=progress,
+                                   loader=loader)
+
+    if recipe.sparsify is None or recipe.sparsify.activations == "base":
+        return [collect(streamed.loader(device) if streamed else None)] * len(recipe.models), calib_record
+    pristine = None if streamed else {k: v.clone() for k, v in model.state_dict().items()}
+    norms = []
+    for spec in _specs(recipe):
+        finetune = opened.inputs[spec]
+        if streamed is not None:  # the fine-tune's tensors are read in place of the base's, block by block
+            norms.append(collect(streamed.loader(
+                device, tensor_fn=lambda name, t, source=finetune: finetuned_tensor(source, name, t))))
+        else:
+            _apply_finetune(model, finetune)
+            norms.append(collect())
+            model.load_state_dict(pristine)
+    return norms, calib_record
+
+
+def _apply_finetune(model, source: Checkpoint | LoraAdapter) -> None:
+    """Turn an in-memory base model into a fine-tune (for activations: finetuned)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(finetuned_tensor(source, name, tensor))
+
+
+def finetuned_tensor(source, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+    """Tensor ``name`` of a fine-tune in ``base_tensor``'s dtype: a LoRA adapter's base plus its delta, a
+    checkpoint's own tensor, or the base's where the fine-tune lacks it (a tied LM head)."""
+    if isinstance(source, LoraAdapter):
+        delta = source.delta(name, base_tensor)
+        return base_tensor if delta is None else (base_tensor.float() + delta).to(base_tensor.dtype)
+    if not source.has(name):
+        return base_tensor
+    return source.tensor(name).to(base_tensor.dtype)
+
+
+# ----------------------------------------------------------------------------- tensor by tensor
+
+
+def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: list, tmp: Path,
+                   max_shard_size: str, progress: bool) -> tuple[dict, dict]:
+    """Merge every tensor of the base into the output shards; the per-tensor record and the fallbacks."""
+    compute_dtype, out_dtype = torch_dtype(recipe.dtype), _out_dtype(recipe)
+    generator = torch.Generator().manual_seed(recipe.calibration.seed if recipe.calibration else 0)
+    base = opened.base
+    writer = ShardWriter(tmp, [(name, base.shape(name), out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)])
+                               for name in base.names()], max_shard_size)
+    per_tensor: dict[str, dict] = {}
+    fallbacks: dict[str, str] = {}
+    for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
+        tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype)
+        if tensor.in_blocks():
+            result, changed = tensor.merge_in_blocks(writer, out_dtype)
+        else:
+            result, changed = tensor.merge_whole(writer, out_dtype, generator)
+        if result.fallback_reason:
+            fallbacks[name] = result.fallback_reason
+        per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed}
+    writer.close()
+    return per_tensor, fallbacks
+
+
+class _TensorJob:
+    """One tensor's merge: its plan (every parameter at the tensor's layer position), and the two ways to
+    carry it out, whole or block of rows by block of rows."""
+
+    def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype):
+        self.recipe, self.opened, self.name = recipe, opened, name
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
+        self.transposed = any(n is not None and n.transposed for n in norms)  # Conv1D: scored as (out, in)
+        shape = tuple(opened.base.shape(name))
+        self.plan: MergePlan = plan_tensor(recipe, self.method, name,
+                                           layer_position(name, opened.prefix, opened.num_layers),
+                                           shape[::-1] if self.transposed else shape, norms)
+
+    def in_blocks(self) -> bool:
+        """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
+        shape = self.opened.base.shape(self.name)
+        if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed:
+            return False
+        dtypes = [self.dtype, TORCH_DTYPES.get(self.opened.base.dtype(self.name), torch.int64)]
+        for entry in self.recipe.models:
+            source = self.opened.inputs[entry.model]
+            if isinstance(source, Checkpoint) and source.has(self.name):
+                dtypes.append(TORCH_DTYPES.get(source.dtype(self.name), torch.int64))
+        return chunked_merge_applies(self.plan, dtypes)
+
+    def merge_whole(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
+        base_tensor = self.opened.base.tensor(self.name).to(self.dtype)
+        finetuned = [finetuned_tensor(self.opened.inputs[e.model], self.name, base_tensor) for e in self.recipe.models]
+        if self.transposed:
+            base_t, finetuned = base_tensor.T, [f.T for f in finetuned]
+            result = merge_with_plan(self.plan, base_t, finetuned, generator)
+            result = replace(result, tensor=result.tensor.T.contiguous())
+        else:
+            result = merge_with_plan(self.plan, base_tensor, finetuned, generator)
+        merged = result.tensor
+        changed = (merged != base_tensor).float().mean().item() if self.method.on == "deltas" else None
+        writer.add(self.name, merged.to(out_dtype) if out_dtype else merged)
+        return result, changed
+
+    def merge_in_blocks(self, writer: ShardWriter, out_dtype) -> tuple[MergeResult, float]:
+        """Merge block by block, straight into ``writer``; the result record and the fraction changed."""
+        base, name = self.opened.base, self.name
+        base_rows = base.rows(name)
+        readers, base_tensor = [], None
+        for entry in self.recipe.models:
+            source = self.opened.inputs[entry.model]
+            if isinstance(source, LoraAdapter) and source.adapts(name):  # the LoRA product is made whole
+                if base_tensor is None:
+                    base_tensor = base.tensor(name).to(self.dtype)
+                readers.append(TensorRows(finetuned_tensor(source, name, base_tensor)))
+            elif isinstance(source, Checkpoint) and source.has(name):
+                readers.append(source.rows(name))
+            else:
+                readers.append(base_rows)
+        del base_tensor
+        result, blocks = merge_rows(self.plan, base_rows, readers, dtype=self.dtype)
+        changed = 0
+
+        def pieces():
+            nonlocal changed
+            for merged, base_block in blocks:
+                changed += int((merged != base_block).sum())
+                yield merged.to(out_dtype) if out_dtype else merged
+
+        writer.add_chunks(name, pieces())
+        return result, (torch.tensor(changed, dtype=torch.float32) / math.prod(base.shape(name))).item()
+
+
+def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
+                norms: list) -> MergePlan:
+    """The merge plan of tensor ``name`` (``shape`` as it is scored): per-model and global parameters
+    resolved at its layer position ``t``, the recipe's sparsifier options where the sparsifier takes them."""
+    params = recipe.parameters or {}
+    scopes = [(entry.parameters, recipe.parameters) for entry in recipe.models]
+    weights = [resolve("weight", s, name, t) for s in scopes]
+    normalize = resolve("normalize", (params,), name, t)
+    if method.on == "weights":
+        return plan_merge(method.name, shape, len(weights), weights, normalize=normalize)
+    score = _score(recipe)
+    row = get_sparsifier(score) if score else None
+    gammas = [resolve("gamma", s, name, t) for s in scopes]
+    epsilons = [resolve("epsilon", s, name, t) for s in scopes]
+    takes = (lambda option: len(shape) == 2 and option in row.options) if row else (lambda option: False)
+    return plan_merge(
+        method.name, shape, len(weights), weights,
+        None if row is None else [resolve("density", s, name, t, default=1.0) for s in scopes],  # as mergekit
+        score=score, lambda_=resolve("lambda", (params,), name, t), normalize=normalize,
+        rescale=resolve("rescale", (params,), name, t),
+        gamma=None if all(g is None for g in gammas) else gammas,
+        epsilon=None if all(e is None for e in epsilons) else epsilons,
+        input_sq_norms=[n.sq_norms for n in norms] if row and row.needs_input_norms and None not in norms else None,
+        group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+def _out_dtype(recipe: MergeRecipe) -> torch.dtype | None:
+    return torch_dtype(recipe.out_dtype or recipe.dtype)
+
+
+def _dtype_of(base: Checkpoint) -> torch.dtype | None:
+    name = base.config.get("dtype") or base.config.get("torch_dtype")
+    return torch_dtype(name) if name in ("float32", "float16", "bfloat16") else None
+
+
+def _write_config_and_tokenizer(recipe: MergeRecipe, base_dir: Path, out: Path, dtype) -> None:
+    config = json.loads((base_dir / "config.json").read_text())
+    if dtype is not None:
+        config["dtype"] = dtype_name(dtype)
+        config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
+    source = recipe.tokenizer_source
+    tok_dir = base_dir if source in (None, "base") else local_model_dir(source)
+    copied = 0
+    for file in TOKENIZER_FILES:
+        if (tok_dir / file).is_file():
+            shutil.copy2(tok_dir / file, out / file)
+            copied += 1
+    if source not in (None, "base") and not copied:
+        raise InputError(f"tokenizer_source {source} holds no tokenizer files")
+
+
+def merge_card(recipe: MergeRecipe, recipe_text: str | None, record: dict) -> str:
+    text = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    models = "\n".join(f"- `{m.model}`" for m in recipe.models)
+    return "\n".join([
+        "---", "library_name: transformers", "tags: [wandamerge, merge]", "---", "",
+        f"# Merge: {recipe.merge_method} (score: {record['score'] or 'none'})", "",
+        f"Base model: `{recipe.base_model or recipe.models[0].model}`", "", "Merged models:", models, "",
+        "## Recipe", "", "```yaml", text.strip(), "```", "",
+        "Input hashes, per-tensor details, timings and peak memory are in `wandamerge.json`.", "",
+    ])

@@ -1,0 +1,294 @@
+"""The prune job: load, calibrate, prune, evaluate and save a model, with its run record.
+
+:class:`PruneConfig` declares every setting once: the command line builds its
+options from it, a run recipe's ``prune:`` section is one, and the Python API
+(:func:`prune_to_directory`) fills one from its keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..calibration import calibration_windows, evaluation_windows, window_length
+from ..core.selection import GROUPS, check_sparsity, parse_pattern
+from ..errors import ConfigError, did_you_mean
+from ..evaluation.perplexity import perplexity
+from ..io.record import StageClock, peak_memory, versions
+from ..io.safetensors import ShardWriter
+from ..io.staging import check_output_dir, staged_output
+from ..loaders import StreamedModel, should_stream
+from ..models import load_model, load_tokenizer, parse_device_map, resolve_model
+from ..pruning import PRUNE_METHODS, PruneReport, PruneTarget, get_prune_method, prune
+from ..recipe import expand_home, validated
+from ..runner import WITHIN_BLOCK_ORDERS
+
+log = logging.getLogger(__name__)
+
+
+class PruneConfig(BaseModel):
+    """Every setting of a prune (the command line's options, a run recipe's ``prune:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="A model directory, a .gguf file, a hub id, or 'smollm2'.")
+    method: str = Field("wanda", description=f"The importance score / solver: {', '.join(sorted(PRUNE_METHODS))}.")
+    sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1).")
+    pattern: Union[str, None] = Field(PruneTarget.pattern, description="N:M semi-structured pattern, e.g. 2:4 (overrides "
+                                                        "--sparsity).")
+    group: Literal[GROUPS] = Field(PruneTarget.group, description="Comparison group for unstructured masks.")
+    variant: bool = Field(PruneTarget.variant, description="Wanda's cumulative-score alpha search (per-row, unstructured).")
+    update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights (wanda/magnitude).")
+    calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
+                                           "TOKENS.npy")
+    nsamples: int = Field(128, description="Calibration windows.")
+    seqlen: Union[int, None] = Field(None, description="Tokens per window [default: model context, at most "
+                                                       "2048].")
+    seed: int = Field(0, description="Seed of the calibration windows.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (one block at a time sits on it).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
+    batch_size: Union[int, None] = Field(None, description="Calibration windows per forward [default: all at "
+                                                           "once].")
+    within_block: Literal[WITHIN_BLOCK_ORDERS] = Field(
+        "sequential", description="sequential: one forward per block, later maps see pruned earlier ones; "
+                                  "parallel: the official two-pass order.")
+    eval_ppl: Union[str, None] = Field(None, description="Measure dense and pruned perplexity on this text "
+                                                         "(e.g. wiki: held-out articles).")
+    eval_windows: Union[int, None] = Field(64, description="Evaluation windows (0 = all).")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard written.")
+    low_memory: Union[bool, None] = Field(None, description="Read, prune and write one decoder block at a time "
+                                                            "from the safetensors shards [default: on when the "
+                                                            "model would take more than half the available RAM].")
+    device_map: Union[str, dict, None] = Field(None, description="Let accelerate place the model: auto, balanced, "
+                                                                 "sequential, a device, or a JSON object / .json "
+                                                                 "file of module -> device (cpu, disk, N).")
+    offload_folder: Union[str, None] = Field(None, description="Where accelerate keeps weights a device map puts "
+                                                               "on disk.")
+
+    _home = field_validator("model", "calib", "eval_ppl", "offload_folder", mode="before")(expand_home)
+
+    @field_validator("sparsity")
+    @classmethod
+    def valid_sparsity(cls, value):
+        return check_sparsity(value)
+
+    @field_validator("nsamples", "seqlen", "batch_size")
+    @classmethod
+    def positive(cls, value, info):
+        if value is not None and value <= 0:
+            raise ValueError(f"{info.field_name.replace('_', ' ')} must be positive, got {value}")
+        return value
+
+    @field_validator("eval_windows")
+    @classmethod
+    def not_negative(cls, value):
+        if value is not None and value < 0:
+            raise ValueError(f"eval windows must be >= 0 (0 = all), got {value}")
+        return value
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def device_map_text(cls, value):
+        return parse_device_map(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def consistent(self):
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"unknown prune method {self.method!r}{did_you_mean(self.method, PRUNE_METHODS)}")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+        self.target()
+        return self
+
+    def target(self) -> PruneTarget:
+        """What to prune and in what shape (checked)."""
+        return PruneTarget(sparsity=self.sparsity, pattern=self.pattern, group=self.group, variant=self.variant,
+                           update=self.update)
+
+    @classmethod
+    def of(cls, source: str = "prune", **settings) -> "PruneConfig":
+        """A config from keyword settings; a bad one is a one-line :class:`~wandamerge.errors.ConfigError`."""
+        return validated(cls, settings, source, error=ConfigError)
+
+
+def prune_to_directory(model: str, out: str | Path | None, *, overwrite: bool = False, progress: bool = True,
+                       **settings) -> dict:
+    """Prune a model and (if ``out``) save it with ``wandamerge.json`` and a model card.
+
+    ``settings`` are :class:`PruneConfig`'s fields (``method``, ``sparsity``,
+    ``pattern``, ``calib``, ``low_memory``, ``device_map``, ...). Returns the
+    run record (also written to ``wandamerge.json``).
+    """
+    return run_prune(PruneConfig.of(model=model, **settings), out, overwrite=overwrite, progress=progress)
+
+
+def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Run a checked :class:`PruneConfig`: see :func:`prune_to_directory`."""
+    clock = StageClock()
+    source = resolve_model(config.model)
+    out_path = check_output_dir(out, [source], overwrite) if out else None
+    low_memory = _low_memory(config, source, out_path)
+    streamed = None
+    with clock.stage("load"):
+        if low_memory:
+            streamed = StreamedModel(source, dtype=config.dtype)
+            lm, tokenizer = streamed.model, load_tokenizer(source)
+        else:
+            lm, tokenizer = load_model(source, dtype=config.dtype, device_map=config.device_map,
+                                       offload_folder=config.offload_folder)
+    seqlen = window_length(lm.config, config.seqlen)
+    target = config.target()
+    calibration = None
+    if get_prune_method(config.method).needs_for(target):
+        with clock.stage("calibration_data"):
+            calibration = calibration_windows(config.calib, tokenizer, config.nsamples, seqlen, seed=config.seed,
+                                              vocab_size=lm.config.vocab_size)
+    evaluation = _Evaluation(config, lm, tokenizer, seqlen, clock, progress, calibrated=calibration is not None)
+    evaluation.measure("dense")
+    with staged_output(out_path, overwrite) if out_path else nullcontext() as staged:
+        writer = _start_streamed_output(streamed, staged, config) if streamed else None
+        with clock.stage("prune"):
+            report = prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
+                           group=config.group, variant=config.variant, update=config.update, device=config.device,
+                           batch_size=config.batch_size, within_block=config.within_block, progress=progress,
+                           loader=streamed.loader(config.device, after_block=writer.add_block) if streamed else None)
+        evaluation.measure("pruned")
+        record = _record(config, source, report, evaluation, low_memory)
+        if staged is None:
+            return _finish(record, clock, config.device)
+        with clock.stage("save"):
+            _save(lm, tokenizer, staged, config, streamed, writer)
+        _write_record(staged, _finish(record, clock, config.device))  # once, with the save's time
+    return record
+
+
+def _finish(record: dict, clock: StageClock, device: str) -> dict:
+    record["seconds"] = dict(clock.seconds)
+    record["peak_memory"] = peak_memory(device)
+    return record
+
+
+class _Evaluation:
+    """Dense and pruned perplexity on held-out windows, when the config asks for it."""
+
+    def __init__(self, config: PruneConfig, lm, tokenizer, seqlen: int, clock: StageClock, progress: bool,
+                 calibrated: bool):
+        self.lm, self.device, self.clock, self.progress = lm, config.device, clock, progress
+        self.ppl: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.windows = None
+        if not config.eval_ppl:
+            return
+        if calibrated and Path(config.eval_ppl).exists() and Path(config.eval_ppl).resolve() == \
+                Path(config.calib).resolve():
+            self.notes.append(f"perplexity is measured on the calibration source {config.calib}: "
+                              "expect an optimistic number")
+            log.warning(self.notes[-1])
+        with clock.stage("evaluation_data"):
+            self.windows = evaluation_windows(config.eval_ppl, tokenizer, seqlen,
+                                              max_windows=config.eval_windows or None,
+                                              vocab_size=lm.config.vocab_size)
+
+    def measure(self, which: str) -> None:
+        if self.windows is None:
+            return
+        with self.clock.stage(f"eval_{which}"):
+            self.ppl[which] = perplexity(self.lm, self.windows, device=self.device, progress=self.progress)
+        log.info("%s perplexity %.3f", which, self.ppl[which])
+
+
+def _low_memory(config: PruneConfig, source: str, out: Path | None) -> bool:
+    """Whether to prune block by block from disk: as asked, or (``None``) when the model would not fit well."""
+    if config.low_memory:
+        if out is None:
+            raise ConfigError("low-memory pruning writes each block as soon as it is pruned: give an output "
+                              "directory")
+        if config.eval_ppl:
+            raise ConfigError("perplexity needs the whole model in memory, which low-memory mode avoids; "
+                              "measure the output with `wandamerge ppl` instead")
+        if config.device_map is not None:
+            raise ConfigError("choose either low-memory mode or a device map, not both")
+        return True
+    return (config.low_memory is None and out is not None and not config.eval_ppl and config.device_map is None
+            and should_stream(source, config.dtype))
+
+
+class _StreamedOutput(ShardWriter):
+    """The shards of a model pruned block by block: the tensors outside the blocks first, then each block
+    as the pass hands it over (:meth:`add_block` is the loader's ``after_block``)."""
+
+    def add_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.add(name, tensor)
+
+
+def _start_streamed_output(streamed: StreamedModel, staged: Path, config: PruneConfig) -> _StreamedOutput:
+    copied, plan = streamed.output_plan()
+    writer = _StreamedOutput(staged, plan, config.max_shard_size)
+    for name in copied:
+        writer.add(name, streamed.read(name))
+    return writer
+
+
+def _save(lm, tokenizer, staged: Path, config: PruneConfig, streamed: StreamedModel | None,
+          writer: ShardWriter | None) -> None:
+    """The model's files: the streamed shards closed and the config written beside them, or
+    ``save_pretrained`` of the model in memory."""
+    if streamed is not None:
+        writer.close()
+        lm.config.dtype = config.dtype
+        lm.config.architectures = [type(lm).__name__]
+        lm.config.save_pretrained(staged)
+        if lm.can_generate():
+            lm.generation_config.save_pretrained(staged)
+    else:
+        lm.save_pretrained(staged, max_shard_size=config.max_shard_size, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staged)
+
+
+def _write_record(out: Path, record: dict) -> None:
+    (out / "wandamerge.json").write_text(json.dumps(record, indent=2))
+    (out / "README.md").write_text(model_card(record))
+
+
+def _record(config: PruneConfig, source: str, report: PruneReport, evaluation: _Evaluation,
+            low_memory: bool) -> dict:
+    settings = config.model_dump(exclude={"model", "max_shard_size"})
+    settings.update({"sparsity": report.target["sparsity"] if not config.pattern else None,
+                     "nsamples": report.nsamples, "seqlen": report.seqlen, "within_block": report.within_block,
+                     "eval_windows": None if evaluation.windows is None else int(evaluation.windows.shape[0]),
+                     "low_memory": low_memory})
+    return {
+        "job": "prune", "model": config.model, "model_source": source, "settings": settings,
+        "versions": versions(), "perplexity": evaluation.ppl,
+        "sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
+                     "per_matrix": report.matrix_sparsity},
+        "prune_seconds": report.seconds, "notes": evaluation.notes,
+    }
+
+
+def model_card(record: dict) -> str:
+    s = record["settings"]
+    shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    lines = [
+        "---", "library_name: transformers", "tags: [wandamerge, pruned, sparse]", "---", "",
+        f"# {Path(str(record['model'])).name} pruned with {s['method']}", "",
+        f"Pruned by wandamerge {record['versions']['wandamerge']} from `{record['model']}`: "
+        f"{shape}, decoder linear maps only (embeddings and LM head kept dense).", "",
+        "| setting | value |", "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in s.items()]
+    lines += ["", f"Overall sparsity of the decoder linear weights: {record['sparsity']['overall']:.4f}.", ""]
+    if record["perplexity"]:
+        lines += ["| perplexity | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in record["perplexity"].items()]
+        lines.append("")
+    lines += ["Every setting, version, time and per-matrix sparsity is in `wandamerge.json`.", ""]
+    return "\n".join(lines)
