@@ -38,15 +38,11 @@ date, command) into ``benchmarks/results/`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import itertools
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +53,6 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULTS = HERE / "results"
 PARTS = {"matmul": "matmul", "a": "matmul", "model": "model", "b": "model", "prune": "prune", "c": "prune"}
 L2_FLUSH_BYTES = 256 * 2**20  # weight copies cycled per timed call on a GPU (H100/H200 L2: 50 MiB)
@@ -185,9 +180,10 @@ def available_backends(device: torch.device) -> list[str]:
 
 
 def prune_2of4(w: torch.Tensor) -> torch.Tensor:
-    from wandamerge.pruning import magnitude_score, nm_mask
+    from wandamerge.core.scores import magnitude_score
+    from wandamerge.core.selection import keep_n_of_m
 
-    return w.masked_fill(nm_mask(magnitude_score(w), 2, 4), 0)
+    return w.masked_fill(~keep_n_of_m(magnitude_score(w), 2, 4), 0)
 
 
 def bench_matmul(s: Settings, timer: Timer, log) -> list[dict]:
@@ -431,32 +427,20 @@ def bench_prune(s: Settings, timer: Timer, log) -> list[dict]:
 
 
 def metadata(s: Settings, timer: Timer, argv: list[str]) -> dict:
-    import transformers
+    from wandamerge.io.record import portable as shown
+    from wandamerge.io.record import provenance, versions
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
     if timer.cuda:
         props = torch.cuda.get_device_properties(timer.device)
         device = f"{props.name} (sm{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
     else:
-        device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        device = "CPU"  # its processor, cores and memory: the machine
     try:
         cusparselt = torch.backends.cusparselt.version()
     except Exception:
         cusparselt = None
-    return {"command": " ".join(["python", "benchmarks/gpu_sparse.py", *argv]), "mode": s.mode, "device": device,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cusparselt": cusparselt,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "clock": timer.clock, "settings": asdict(s)}
+    return {**shown(provenance([__file__, *argv])), "mode": s.mode, "device": device, "versions": versions(),
+            "cuda": torch.version.cuda, "cusparselt": cusparselt, "clock": timer.clock, "settings": asdict(s)}
 
 
 def _mib(n: int) -> str:
@@ -473,9 +457,10 @@ def _ms(r: dict | None, key: str = "median_ms") -> str:
 
 def markdown(meta: dict, results: dict) -> str:
     lines = [f"# 2:4 semi-structured sparsity on the GPU ({meta['date']})", "",
-             f"Device: {meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}, cuSPARSELt "
-             f"{meta['cusparselt']}, transformers {meta['transformers']}; commit {meta['commit']}; "
-             f"mode {meta['mode']}; timed with {meta['clock']}.", "", f"`{meta['command']}`", ""]
+             f"Device: {meta['device']}; torch {meta['versions']['torch']}, CUDA {meta['cuda']}, cuSPARSELt "
+             f"{meta['cusparselt']}, transformers {meta['versions']['transformers']}; commit {meta['commit']}; "
+             f"mode {meta['mode']}; timed with {meta['clock']}. Machine: {meta['machine']}.", "",
+             f"`{meta['command']}`", ""]
     notes = []
     if "matmul" in results:
         rows = results["matmul"]

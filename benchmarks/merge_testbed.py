@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,12 +85,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
-    import wandamerge.merging.merge as merge_module
+    import wandamerge.jobs.merge as merge_module
     from testbed import default_root
     from wandamerge.evaluation.choices import choice_accuracy
-    from wandamerge.evaluation.evaluate import load_for_eval, normalized_accuracy
+    from wandamerge.jobs.evaluate import load_for_eval, normalized_accuracy
     from wandamerge.evaluation.tasks import read_examples
-    from wandamerge.merging.merge import merge
+    from wandamerge.jobs.merge import merge
     from wandamerge.models import prepare_smollm2
     from wandamerge.recipe import parse_recipe
 
@@ -174,15 +172,13 @@ def main() -> None:
 
 
 def write(rows: list[dict], args, final: bool = False) -> None:
-    meta = {"command": " ".join(["python benchmarks/merge_testbed.py", *sys.argv[1:]]), "limit": args.limit,
-            "nsamples": args.nsamples,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True).stdout.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from wandamerge.io.record import portable as shown
+    from wandamerge.io.record import provenance
+
+    meta = shown({**provenance([__file__, *sys.argv[1:]]), "limit": args.limit, "nsamples": args.nsamples})
     results = HERE / "results"
-    (results / "merge_testbed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (results / "merge_testbed.md").write_text(markdown(meta, rows))
+    (results / "merge_testbed.json").write_text(json.dumps({"meta": meta, "rows": shown(rows)}, indent=2))
+    (results / "merge_testbed.md").write_text(markdown(meta, shown(rows)))
     if final:
         plot(rows, results / "merge_testbed_normalized.png")
 

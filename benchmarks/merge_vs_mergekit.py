@@ -25,18 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+PROGRAMS = HERE / "programs"
 BIN = Path(sys.executable).parent
 MERGEKIT_REQUIREMENT = "mergekit==0.1.5"
 
@@ -52,32 +50,6 @@ METHODS: dict[str, dict] = {
     "della_linear": {"epsilon": 0.1},
 }
 STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
-
-MEASURE = """
-import resource, subprocess, sys, time
-t = time.perf_counter()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-wall = time.perf_counter() - t
-if code.returncode:
-    sys.stderr.write(code.stderr[-3000:])
-    sys.exit(code.returncode)
-print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-"""
-
-FLOOR = """
-import sys
-from pathlib import Path
-from safetensors import safe_open
-from safetensors.torch import save_file
-inputs, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
-out.mkdir(parents=True, exist_ok=True)
-handles = [safe_open(p / "model.safetensors", "pt") for p in inputs]
-result = {}
-for name in handles[0].keys():
-    tensors = [h.get_tensor(name) for h in handles]
-    result[name] = tensors[0].clone()
-save_file(result, str(out / "model.safetensors"))
-"""
 
 
 def make_finetunes(base: Path, work: Path, count: int = 3) -> list[Path]:
@@ -104,7 +76,7 @@ def make_finetunes(base: Path, work: Path, count: int = 3) -> list[Path]:
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
-    done = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(PROGRAMS / "measure.py"), *cmd], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{cmd[0]} failed:\n{done.stderr[-3000:]}")
     wall, rss = done.stdout.split()
@@ -185,9 +157,9 @@ def mergekit_executable(work: Path) -> Path:
 
 
 def venv_versions(python: Path, packages: list[str]) -> dict:
-    code = ("import json, importlib.metadata as m; import sys; "
-            "print(json.dumps({p: m.version(p) for p in sys.argv[1:]}))")
-    done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=True)
+    """The versions of ``packages`` in the venv of ``python`` (which need not have wandamerge)."""
+    done = subprocess.run([str(python), str(HERE / "peers" / "package_versions.py"), *packages], capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout)
 
 
@@ -214,7 +186,8 @@ def main() -> None:
     for _ in range(args.repeats):
         out = work / "out-floor"
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = measure([sys.executable, "-c", FLOOR, str(base), *map(str, finetunes), str(out)])
+        wall, rss = measure([sys.executable, str(PROGRAMS / "merge_floor.py"), str(base), *map(str, finetunes),
+                             str(out)])
         floor_runs.append({"wall_s": wall, "peak_rss_bytes": rss})
     print(f"floor: {min(r['wall_s'] for r in floor_runs):.1f} s", flush=True)
 
@@ -252,19 +225,14 @@ def main() -> None:
                                                             finetunes, args.density)
         rows[method] = row
 
-    from importlib.metadata import version
+    from wandamerge.io.record import portable as shown
+    from wandamerge.io.record import provenance, versions
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "versions": {"wandamerge": version("wandamerge"), "torch": version("torch"),
-                         "transformers": version("transformers")},
+    meta = {**provenance([__file__, *sys.argv[1:]]), "versions": versions(),
             "mergekit": {"executable": str(mergekit),
                          **venv_versions(mergekit.parent / "python", ["mergekit", "torch", "transformers"])},
-            "command": "python benchmarks/merge_vs_mergekit.py " + " ".join(sys.argv[1:]),
             "density": args.density, "repeats": args.repeats}
-    result = {"meta": meta, "floor": floor_runs, "methods": rows}
+    result = shown({"meta": meta, "floor": floor_runs, "methods": rows})  # the recipes' paths too
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "merge_vs_mergekit.json").write_text(json.dumps(result, indent=2))

@@ -8,6 +8,12 @@ windows, and saves it. Results go to benchmarks/results/ as JSON and Markdown.
 
     python benchmarks/prune_smollm2.py                 # everything below
     python benchmarks/prune_smollm2.py --only wanda-50 --only dense
+
+Calibration and evaluation windows: ``--windows-dir`` (default
+``../shared/data/smollm2-wiki``, relative to the repository root), with
+``calib_128x512.pt`` and ``eval_64x512.pt``; without it, ``wiki`` windows. The
+reference implementations' perplexities on those windows are read from
+benchmarks/reference/smollm2_wiki_perplexity.json.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,7 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED = REPO.parent / "shared" / "data" / "smollm2-wiki"
+WINDOWS_DIR = "../shared/data/smollm2-wiki"  # relative to the repository root
+REFERENCE_FILE = HERE / "reference" / "smollm2_wiki_perplexity.json"
 BIN = Path(sys.executable).parent
 
 # name -> extra `wandamerge prune` arguments (None = the dense model)
@@ -68,29 +74,11 @@ PEER_CONFIGS = {
     "llmcompressor-sparsegpt-2:4": ("sparsegpt", "2:4"),
 }
 
-# Measured on the same windows with the reference implementations (shared/data/smollm2-wiki/README.md).
-REFERENCE = {
-    "dense": 23.60, "wanda-50": 53.02, "wanda-2:4": 182.3, "magnitude-tensor-50": 392.7,
-    "magnitude-tensor-2:4": 1358, "sparsegpt-50": 45.62, "sparsegpt-2:4": 87.61,
-    "llmcompressor-wanda-50": 53.12, "llmcompressor-wanda-2:4": 180.9, "llmcompressor-sparsegpt-50": 45.41,
-    "llmcompressor-sparsegpt-2:4": 88.41,
-}
 
-FLOOR_SCRIPT = """
-import sys, time, torch
-from wandamerge.models import load_model, save_model
-t0 = time.perf_counter()
-model, tok = load_model(sys.argv[1])
-t1 = time.perf_counter()
-windows = torch.load(sys.argv[2]) if sys.argv[2].endswith('.pt') else None
-with torch.inference_mode():
-    for start in range(0, windows.shape[0], 8):
-        model.base_model(input_ids=windows[start:start + 8], use_cache=False)
-t2 = time.perf_counter()
-save_model(model, tok, sys.argv[3], overwrite=True)
-t3 = time.perf_counter()
-print({'load': t1 - t0, 'forward': t2 - t1, 'save': t3 - t2})
-"""
+
+def reference_ppl() -> dict[str, float]:
+    """config -> perplexity measured on the same windows with the reference implementations (see the file)."""
+    return {name: entry["ppl"] for name, entry in json.loads(REFERENCE_FILE.read_text())["perplexity"].items()}
 
 
 def run(cmd: list[str], log) -> tuple[float, str]:
@@ -113,8 +101,12 @@ def ppl(model_dir: str, eval_data: str, log) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir [default: the embedded SmolLM2 in the cache]")
-    parser.add_argument("--calib", default=None, help="calibration [default: shared 128x512 windows, else wiki]")
-    parser.add_argument("--eval", dest="eval_data", default=None, help="evaluation [default: shared 64x512, else wiki]")
+    parser.add_argument("--windows-dir", default=WINDOWS_DIR,
+                        help="folder with calib_128x512.pt and eval_64x512.pt, relative to the repository root "
+                             f"(or absolute) [default: {WINDOWS_DIR}]")
+    parser.add_argument("--calib", default=None, help="calibration [default: --windows-dir's 128x512, else wiki]")
+    parser.add_argument("--eval", dest="eval_data", default=None,
+                        help="evaluation [default: --windows-dir's 64x512, else wiki]")
     parser.add_argument("--only", action="append", help="run only these configurations (repeatable)")
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/prune"))
     parser.add_argument("--tag", default="prune_smollm2")
@@ -125,8 +117,10 @@ def main() -> None:
     from wandamerge.models import prepare_smollm2
 
     model = args.model or str(prepare_smollm2())
-    calib = args.calib or (str(SHARED / "calib_128x512.pt") if SHARED.exists() else "wiki")
-    eval_data = args.eval_data or (str(SHARED / "eval_64x512.pt") if SHARED.exists() else "wiki")
+    windows = (REPO / args.windows_dir).resolve()  # an absolute --windows-dir stays as it is
+    calib = args.calib or (str(windows / "calib_128x512.pt") if windows.exists() else "wiki")
+    eval_data = args.eval_data or (str(windows / "eval_64x512.pt") if windows.exists() else "wiki")
+    reference = reference_ppl()
     calib_args = ["--calib", calib, "--nsamples", "128", "--seqlen", "512"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -148,9 +142,10 @@ def main() -> None:
             if not calib.endswith(".pt"):
                 print("   floor needs a .pt calibration file; skipped")
                 continue
-            wall, out = run([str(BIN / "python"), "-c", FLOOR_SCRIPT, model, calib, str(work / "floor-out")], log)
+            wall, out = run([str(BIN / "python"), str(HERE / "programs" / "prune_floor.py"), model, calib,
+                             str(work / "floor-out")], log)
             rows.append({"name": "floor: load + plain forward + save", "wall_s": wall,
-                         "stages": eval(out.strip().splitlines()[-1])})
+                         "stages": json.loads(out.strip().splitlines()[-1])})
             continue
         if name in PEER_CONFIGS:
             if not args.llmcompressor_python:
@@ -161,7 +156,7 @@ def main() -> None:
             wall, out = run([args.llmcompressor_python, str(HERE / "peers" / "llmcompressor_prune.py"), model, calib,
                              str(out_dir), method, structure], log)
             peer = json.loads(out.strip().splitlines()[-1])
-            rows.append({"name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": REFERENCE.get(name),
+            rows.append({"name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": reference.get(name),
                          "wall_s": wall, "prune_s": peer["oneshot_s"], "stages": peer,
                          "peak_rss_gb": peer["peak_rss_bytes"] / 1e9, "within_block": "llm-compressor"})
             print(f"   {rows[-1]['ppl']:.2f} ppl, {wall:.1f} s", flush=True)
@@ -169,7 +164,7 @@ def main() -> None:
             continue
         extra = CONFIGS[name]
         if extra is None:
-            rows.append({"name": name, "ppl": ppl(model, eval_data, log), "reference_ppl": REFERENCE.get(name)})
+            rows.append({"name": name, "ppl": ppl(model, eval_data, log), "reference_ppl": reference.get(name)})
             continue
         out_dir = work / name.replace(":", "-")
         run_calib_args = calib_args
@@ -186,7 +181,7 @@ def main() -> None:
                        *run_calib_args, *extra], log)
         record = json.loads((out_dir / "wandamerge.json").read_text())
         rows.append({
-            "name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": REFERENCE.get(name),
+            "name": name, "ppl": ppl(str(out_dir), eval_data, log), "reference_ppl": reference.get(name),
             "wall_s": wall, "prune_s": record["seconds"]["prune"], "decision_s": record["prune_seconds"]["decision"],
             "forward_s": record["prune_seconds"]["forward"], "stages": record["seconds"],
             "peak_rss_gb": record["peak_memory"]["rss_bytes"] / 1e9, "sparsity": record["sparsity"]["overall"],
@@ -200,11 +195,10 @@ def main() -> None:
 
 def write_results(args, model: str, calib: str, eval_data: str, rows: list[dict]) -> dict:
     """Write the JSON and Markdown results (called after every row, so a crash loses nothing)."""
-    meta = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": model, "calib": calib,
-            "eval": eval_data, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True).stdout.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from wandamerge.io.record import portable as shown
+    from wandamerge.io.record import provenance
+
+    meta = shown({**provenance([__file__, *sys.argv[1:]]), "model": model, "calib": calib, "eval": eval_data})
     results_dir = HERE / "results"
     (results_dir / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (results_dir / f"{args.tag}.md").write_text(markdown(meta, rows))
@@ -214,7 +208,7 @@ def write_results(args, model: str, calib: str, eval_data: str, rows: list[dict]
 def markdown(meta: dict, rows: list[dict]) -> str:
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# Pruning SmolLM2-135M ({meta['date']}, commit {meta['commit']})", "",
-             f"- command: `python benchmarks/{meta['command']}`", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
              f"- model: `{meta['model']}`", f"- calibration: `{meta['calib']}` (128 x 512 tokens)",
              f"- evaluation: `{meta['eval']}` (64 x 512 held-out tokens)", "",
              "| config | order | perplexity | reference impl. | wall s (end to end) | prune s | decision s | peak RSS GB |",

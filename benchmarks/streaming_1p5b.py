@@ -15,7 +15,8 @@ process's own. Runs:
 * ``prune-low-memory``: ``wandamerge prune --low-memory --method wanda``;
 * ``merge-ties``: data-free TIES (density 0.2) of the two fine-tunes on the base;
 * ``wanda-activations-low-memory``: the calibration pass of a Wanda-scored merge
-  alone (``collect_input_norms`` over the base, streamed block by block), the
+  alone (``collect_input_norms`` over the base, streamed block by block, by
+  benchmarks/programs/streamed_activations.py), the
   part of that merge which ``--low-memory`` changes; the rest of the merge is
   the streamed per-tensor merge measured by ``merge-ties``;
 * with ``--full-wanda-merge``, ``merge-ties-wanda-low-memory``: the whole
@@ -30,21 +31,19 @@ process's own. Runs:
 (each run records its own commit and date).
 
 Big files live in ~/.cache/wandamerge/bench/streaming/ and are deleted at the
-end (``--keep`` keeps them); results go to benchmarks/results/streaming_1p5b.{md,json}.
+end (``--keep`` keeps them); results go to benchmarks/results/streaming_1p5b.{md,json},
+where ``$BENCH`` stands for that folder's ``llama-<layers>L/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -55,22 +54,16 @@ REPO = HERE.parent
 WANDAMERGE = str(Path(sys.executable).parent / "wandamerge")
 sys.path.insert(0, str(REPO))
 
-from wandamerge.merging.sources import Checkpoint, ShardWriter  # noqa: E402
-from wandamerge.models import default_cache_dir  # noqa: E402
+from wandamerge.io.record import portable as shown  # noqa: E402
+from wandamerge.io.record import provenance, versions  # noqa: E402
+from wandamerge.io.safetensors import Checkpoint, ShardWriter  # noqa: E402
+from wandamerge.io.resolve import default_cache_dir  # noqa: E402
 
 WORK = default_cache_dir() / "bench" / "streaming"
 RESULTS = HERE / "results"
 NSAMPLES, SEQLEN = 8, 256
 
-ACTIVATIONS = """
-import json, sys, time, torch
-from wandamerge.merging.merge import collect_input_norms
-from wandamerge.streaming import StreamedModel
-t = time.perf_counter()
-model = StreamedModel(sys.argv[1])
-norms = collect_input_norms(model.model, torch.load(sys.argv[2]), loader=model.loader(), progress=False)
-print(json.dumps({"linear_maps": len(norms), "seconds": round(time.perf_counter() - t, 1)}))
-"""
+ACTIVATIONS = HERE / "programs" / "streamed_activations.py"
 
 
 def llama_config(layers: int):
@@ -149,20 +142,6 @@ def same_tensors(a: Path, b: Path) -> dict:
             "examples": differ[:3]}
 
 
-def git_commit() -> str:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return sha.strip() + (" (with uncommitted changes in the tree)" if dirty else "")
-
-
-def machine() -> dict:
-    import psutil
-
-    return {"cpu": platform.machine(), "cores": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-
-
 def write_results(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "streaming_1p5b.json").write_text(json.dumps(result, indent=2))
@@ -171,8 +150,8 @@ def write_results(result: dict) -> None:
         f"# Memory-bounded streaming on a {result['model']['parameters'] / 1e9:.2f}B-parameter Llama "
         f"({result['date']}, commit {result['commit']})", "",
         f"- command: `{result['command']}`",
-        f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores (shared with other work), "
-        f"{result['machine']['ram_bytes'] / 2**30:.1f} GiB RAM, {result['machine']['platform']}",
+        f"- machine: {result['machine']} (shared with other work); "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if k != "platform"),
         f"- model: Llama architecture, {result['model']['layers']} layers, hidden 2048, intermediate 5632, "
         f"32 heads, vocab 32000, untied LM head, float32: {result['model']['parameters']:,} parameters, "
         f"{disk / 1e9:.2f} GB of safetensors in {result['model']['shards']} shards. "
@@ -196,6 +175,8 @@ def write_results(result: dict) -> None:
         lines += [f"| {name} | {run['wall_s']} | {run['peak_rss_bytes'] / 1e9:.2f} | "
                   f"{run['peak_rss_bytes'] / disk:.3f} |" for name, run in earlier["runs"].items()]
         lines.append("")
+    lines.append(f"`$BENCH`: `{result['bench']}`, the folder of the models and outputs.")
+    lines.append("")
     for name, run in result["runs"].items():
         lines.append(f"- `{name}`: `{run['command']}`" + (f" — {run['note']}" if run.get("note") else ""))
     if result.get("notes"):
@@ -234,9 +215,7 @@ def main() -> None:
     checkpoint = Checkpoint(base)
     parameters = sum(int(torch.Size(checkpoint.shape(n)).numel()) for n in checkpoint.names())
     result = {
-        "command": "python benchmarks/streaming_1p5b.py" + "".join(f" {a}" for a in sys.argv[1:]),
-        "commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        **provenance([__file__, *sys.argv[1:]]), "versions": versions(), "bench": shown(str(WORK)),
         "model": {"layers": args.layers, "parameters": parameters, "size_on_disk_bytes": size_on_disk(base),
                   "shards": len(list(base.glob("*.safetensors"))), "weights": "random (normal, std 0.02)"},
         "calibration": {"tokens": "random ids", "nsamples": NSAMPLES, "seqlen": SEQLEN},
@@ -265,7 +244,7 @@ def main() -> None:
                                                      "--no-low-memory"], "reference: the whole model loaded"))
     runs += [("merge-ties", wandamerge, ["merge", str(WORK / "ties.yaml"), "-o", str(WORK / "merged"), "--overwrite"],
               "data-free: one tensor per input at a time"),
-             ("wanda-activations-low-memory", [sys.executable, "-c", ACTIVATIONS], [str(base), str(calib)],
+             ("wanda-activations-low-memory", [sys.executable, str(ACTIVATIONS)], [str(base), str(calib)],
               "the calibration pass of a Wanda-scored merge, streamed: merge.collect_input_norms with a "
               "StreamedModel loader, in a process of its own")]
     if args.full_wanda_merge:
@@ -276,10 +255,10 @@ def main() -> None:
         runs = [r for r in runs if r[0] in args.only]
     for name, program, cmd_args, note in runs:
         print(f"running {name} ...", flush=True)
-        run = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        run = {key: value for key, value in provenance([]).items() if key in ("commit", "date")}
         run.update(timed([*program, *cmd_args], WORK / f"{name}.log"))
-        shown = "wandamerge" if program is wandamerge else "python -c ACTIVATIONS"
-        run.update({"command": f"{shown} " + " ".join(cmd_args).replace(str(WORK), "$BENCH"), "note": note})
+        shown_program = "wandamerge" if program is wandamerge else shown(f"python {ACTIVATIONS}")
+        run.update({"command": f"{shown_program} " + " ".join(cmd_args).replace(str(WORK), "$BENCH"), "note": note})
         if "-o" in cmd_args:
             out = Path(cmd_args[cmd_args.index("-o") + 1])
             record = json.loads((out / "wandamerge.json").read_text())

@@ -26,10 +26,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +56,7 @@ MIN_GAIN = 0.10  # a fine-tune must beat the base on its own task by this much a
 
 
 def default_root() -> Path:
-    from wandamerge.models import default_cache_dir
+    from wandamerge.io.resolve import default_cache_dir
 
     return default_cache_dir() / "bench" / "testbed"
 
@@ -200,12 +198,12 @@ def main() -> None:
 
     summary["tasks"] = rows = {t: rows[t] for t in FINETUNES if t in rows}  # tasks dropped from the testbed go
     summary["base"] = {t: v for t, v in summary.get("base", {}).items() if t in FINETUNES}
-    summary["meta"] = {"command": " ".join(["python benchmarks/testbed.py", *sys.argv[1:]]), "base": str(base),
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-                       "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                                capture_output=True, text=True).stdout.strip(),
-                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from wandamerge.io.record import portable as shown
+    from wandamerge.io.record import provenance
+
+    summary["meta"] = {**provenance([__file__, *sys.argv[1:]]), "base": str(base)}
     summary_path.write_text(json.dumps(summary, indent=2))
+    summary = shown(summary)  # the copy in the repository: no absolute paths of this machine
     results = HERE / "results"
     (results / "testbed.json").write_text(json.dumps(summary, indent=2))
     (results / "testbed.md").write_text(markdown(summary))
