@@ -18,6 +18,12 @@ a directory; each output's sha256 is taken over its tensors in name order
 
     python benchmarks/bit_identity.py --out benchmarks/results/bit_identity_<commit>.json
     python benchmarks/bit_identity.py --compare A.json B.json
+
+``--old-prune-ties`` is a diagnostic: pruning then breaks ties at a cut-off
+as it did before the selection was made one (among equal scores the LOWER
+index pruned first, where now the lower index is kept first), so a run shows
+whether that rule is the only thing that changed a pruned model.
+``--only PREFIX`` runs the cases whose name starts with PREFIX.
 """
 
 from __future__ import annotations
@@ -80,6 +86,26 @@ def merge_cases(models: list[str]) -> dict[str, dict]:
                                      "parameters": {"lambda": [0.5, 1.5]}}
     cases["ties-bf16"] = {"merge_method": "ties", "models": entries(density=0.3), "dtype": "bfloat16"}
     return cases
+
+
+def use_old_pruning_tie_rule() -> None:
+    """Pruning selects on the scores reversed in flat order, then reverses the mask back: among equal
+    scores the higher index is kept (the lower pruned), the rule of pruning before 2273701."""
+    import wandamerge.core.sparsegpt as sparsegpt
+    import wandamerge.pruning.methods as methods
+    from wandamerge.core import selection
+
+    def reversed_ties(select):
+        def select_reversed(score, *args, **kwargs):
+            dims = tuple(range(score.ndim))
+            out = select(score.flip(dims), *args, **kwargs)
+            return (out[0].flip(dims), *out[1:]) if isinstance(out, tuple) else out.flip(dims)
+        return select_reversed
+
+    for module, names in ((methods, ("keep_after_pruning", "keep_n_of_m", "cumulative_alpha_keep")),
+                          (sparsegpt, ("keep_per_tensor", "keep_n_of_m"))):
+        for name in names:
+            setattr(module, name, reversed_ties(getattr(selection, name)))
 
 
 def tensor_digest(directory: Path) -> str:
@@ -159,8 +185,17 @@ def tiny_models(work: Path) -> dict[str, Path]:
     return made
 
 
+ONLY: tuple[str, ...] = ()  # --only: case-name prefixes to run (all when empty)
+
+
+def wanted(name: str) -> bool:
+    return not ONLY or name.startswith(ONLY)
+
+
 def run_prunes(model: Path, cases, calib: list[str], out_root: Path, tag: str, results: dict) -> None:
     for case in cases:
+        if not wanted(f"{tag}/prune/{case}"):
+            continue
         out = out_root / f"{tag}-prune-{case}"
         t0 = time.perf_counter()
         cli("prune", str(model), "-o", str(out), "--overwrite", *PRUNE_CASES[case], *calib)
@@ -174,7 +209,7 @@ def run_merges(base: Path, models: list[str], calibration: dict, out_root: Path,
     import yaml
 
     for case, recipe in merge_cases(models).items():
-        if only is not None and case not in only:
+        if only is not None and case not in only or not wanted(f"{tag}/merge/{case}"):
             continue
         recipe = {"base_model": str(base), **recipe}
         if "sparsify" in recipe:
@@ -237,15 +272,23 @@ def main() -> None:
     parser.add_argument("--work", help="where models and outputs go (kept between runs: models are reused)")
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--compare", nargs=2, metavar="JSON")
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX")
+    parser.add_argument("--old-prune-ties", action="store_true")
     args = parser.parse_args()
     if args.compare:
         sys.exit(1 if compare(*args.compare) else 0)
+    global ONLY
+    ONLY = tuple(args.only)
+    if args.old_prune_ties:
+        use_old_pruning_tie_rule()
     from wandamerge.io.record import provenance
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bit-identity-"))
+    started = provenance(sys.argv)  # the commit as the run starts
     t0 = time.perf_counter()
     results = measure(work, smollm2=not args.no_smollm2)
-    record = {**provenance(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "sha256": results}
+    record = {**started, "old_prune_ties": args.old_prune_ties, "seconds": round(time.perf_counter() - t0, 1),
+              "sha256": results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ import click
 
 from .errors import WandamergeError
 from .io.dtypes import DTYPE_NAMES
+from .io.safetensors import DEFAULT_SHARD_SIZE
 from .jobs.evaluate import EvalConfig, PerplexitySettings
 from .jobs.prune import PruneConfig
 
@@ -122,7 +123,7 @@ def prune_command(model, out, overwrite, **settings):
 @click.option("-o", "--out", type=click.Path(), required=True, help="Output directory (a transformers model).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration pass (wanda scores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, help="Largest safetensors shard.")
 @click.option("--low-memory/--no-low-memory", default=None,
               help="Activation scores: run the base model's calibration pass one block at a time from its shards "
                    "[default: on when it would take more than half the available RAM].")

@@ -1,4 +1,4 @@
-"""Load and save causal LMs, and find their decoder blocks and linear maps.
+"""Causal LMs: their decoder blocks and linear maps, loading and saving them, and what a model argument names.
 
 Everything architecture-specific lives here, in one table: where the decoder
 blocks sit in each supported family. Inside a block every ``nn.Linear`` and
@@ -23,7 +23,7 @@ from torch import nn
 from .errors import InputError, ModelError
 from .io.dtypes import torch_dtype
 from .io.resolve import classify_model_argument, default_cache_dir, pypi_wheel_member
-from .io.safetensors import Checkpoint, read_json
+from .io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, read_json
 from .io.staging import staged_output
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def _is_tied_key(model, key: str) -> bool:
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
-               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+               max_shard_size: str = DEFAULT_SHARD_SIZE, overwrite: bool = False) -> Path:
     """Write an ordinary transformers directory, atomically (see :func:`staged_output`)."""
     with staged_output(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)

@@ -154,24 +154,13 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
     (default: :func:`default_loader`).
     """
     loader = loader or default_loader(model, device)
-    device = loader.device
     needs = set(needs)
-    timings = PassTimings()
     blocks = decoder_blocks(model)
     if within_block not in WITHIN_BLOCK_ORDERS:
         raise ConfigError(f"within_block must be one of {WITHIN_BLOCK_ORDERS}, got {within_block!r}")
-
+    progress_blocks = tqdm(blocks, desc=desc, disable=not progress)
     if not needs:
-        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-            t0 = time.perf_counter()
-            loader.load(index, block)
-            for linear in block_linears(block):
-                visit(index, linear, None)
-            loader.unload(index, block)
-            timings.visit_s += time.perf_counter() - t0
-            timings.per_block_s.append(time.perf_counter() - t0)
-        return timings
-
+        return _visit_without_data(progress_blocks, visit, loader)
     if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
         raise ConfigError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
     batch_size = batch_size or windows.shape[0]
@@ -179,27 +168,38 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
         log.warning("within-block order 'sequential' needs all %d windows in one batch; "
                     "batch size %d given, using 'parallel'", windows.shape[0], batch_size)
         within_block = "parallel"
-    timings.within_block = within_block
+    timings = PassTimings(within_block=within_block)
+    device = loader.device
+    one_block = _sequential_block if within_block == "sequential" else _parallel_block
 
     with torch.inference_mode():
         t0 = time.perf_counter()
         inputs = catch_first_block_inputs(model, windows, loader, batch_size)
         _sync(device)
         timings.catch_s = time.perf_counter() - t0
-
-        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        for index, block in enumerate(progress_blocks):
             t_block = time.perf_counter()
             loader.load(index, block)
-            linears = block_linears(block)
-            if within_block == "sequential":
-                outputs = _sequential_block(index, block, linears, inputs, visit, needs, timings, device)
-            else:
-                outputs = _parallel_block(index, block, linears, inputs, visit, needs, timings, device)
+            outputs = one_block(index, block, block_linears(block), inputs, visit, needs, timings, device)
             loader.unload(index, block)
             for batch, out in zip(inputs, outputs):
                 batch.hidden = out
             _sync(device)
             timings.per_block_s.append(time.perf_counter() - t_block)
+    return timings
+
+
+def _visit_without_data(blocks, visit: Visitor, loader: BlockLoader) -> PassTimings:
+    """Every linear map visited with no statistics: no calibration pass at all."""
+    timings = PassTimings()
+    for index, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        loader.load(index, block)
+        for linear in block_linears(block):
+            visit(index, linear, None)
+        loader.unload(index, block)
+        timings.visit_s += time.perf_counter() - t0
+        timings.per_block_s.append(time.perf_counter() - t0)
     return timings
 
 

@@ -17,6 +17,8 @@ from .dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES, element_size
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SHARD_SIZE = "2GB"  # the largest shard written, as transformers' save_pretrained
+
 
 def read_json(file: Path) -> dict:
     """A JSON object from ``file``; a damaged file is an :class:`InputError` naming it."""
@@ -174,7 +176,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_size: str | int = "2GB"):
+                 max_shard_size: str | int = DEFAULT_SHARD_SIZE):
         self.out_dir = Path(out_dir)
         max_bytes = parse_size(max_shard_size)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]

@@ -37,9 +37,9 @@ from ..calibration import calibration_windows
 from ..core.selection import selects_lean
 from ..errors import InputError
 from ..io.adapters import LoraAdapter, open_input
-from ..io.dtypes import TORCH_DTYPES, dtype_name, torch_dtype
-from ..io.record import input_digests, peak_memory, versions
-from ..io.safetensors import Checkpoint, ShardWriter, TensorRows
+from ..io.dtypes import DTYPE_NAMES, TORCH_DTYPES, dtype_name, torch_dtype
+from ..io.record import StageClock, input_digests, peak_memory, versions
+from ..io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, TensorRows
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, should_stream
 from ..merging.chunked import chunked_merge_applies, merge_rows
@@ -103,7 +103,7 @@ def layer_position(name: str, prefix: str, num_layers: int) -> float:
 
 
 def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
-          overwrite: bool = False, progress: bool = True, max_shard_size: str = "2GB",
+          overwrite: bool = False, progress: bool = True, max_shard_size: str = DEFAULT_SHARD_SIZE,
           low_memory: bool | None = None) -> dict:
     """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
 
@@ -112,24 +112,22 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     its shards (``None``: when the base would take more than half the available RAM).
     """
     t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    opened, out = open_merge_inputs(recipe, out, overwrite)
-    seconds["open_and_check"] = time.perf_counter() - t0
+    clock = StageClock()
+    with clock.stage("open_and_check"):
+        opened, out = open_merge_inputs(recipe, out, overwrite)
     score = _score(recipe)
     norms_per_input, calib_record = [None] * len(recipe.models), None
     if score is not None and get_sparsifier(score).needs_input_norms:
-        t0 = time.perf_counter()
-        norms_per_input, calib_record = _activations(recipe, opened, device, progress, low_memory)
-        seconds["activations"] = time.perf_counter() - t0
+        with clock.stage("activations"):
+            norms_per_input, calib_record = _activations(recipe, opened, device, progress, low_memory)
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
     digests[None] = hashing.submit(input_digests, opened.base_dir)
     try:
         with staged_output(out, overwrite) as tmp:
-            t0 = time.perf_counter()
-            per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, tmp, max_shard_size, progress)
-            seconds["merge_and_write"] = time.perf_counter() - t0
+            with clock.stage("merge_and_write"):
+                per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, tmp, max_shard_size,
+                                                       progress)
             _write_config_and_tokenizer(recipe, opened.base_dir, tmp, _out_dtype(recipe) or _dtype_of(opened.base))
             record = {
                 "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
@@ -139,8 +137,7 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
                            for spec in _specs(recipe)},
                 "base": {"path": str(opened.base_dir), "sha256": digests[None].result()},
                 "notes": opened.notes, "fallbacks": fallbacks, "per_tensor": per_tensor, "versions": versions(),
-                "seconds": {**{k: round(v, 3) for k, v in seconds.items()},
-                            "total": round(time.perf_counter() - t_start, 3)},
+                "seconds": {**clock.seconds, "total": round(time.perf_counter() - t_start, 4)},
                 "peak_memory": peak_memory(device),
             }
             (tmp / "wandamerge.json").write_text(json.dumps(record, indent=2))
@@ -383,7 +380,7 @@ def _out_dtype(recipe: MergeRecipe) -> torch.dtype | None:
 
 def _dtype_of(base: Checkpoint) -> torch.dtype | None:
     name = base.config.get("dtype") or base.config.get("torch_dtype")
-    return torch_dtype(name) if name in ("float32", "float16", "bfloat16") else None
+    return torch_dtype(name) if name in DTYPE_NAMES else None
 
 
 def _write_config_and_tokenizer(recipe: MergeRecipe, base_dir: Path, out: Path, dtype) -> None:

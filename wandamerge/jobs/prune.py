@@ -20,8 +20,9 @@ from ..calibration import calibration_windows, evaluation_windows, window_length
 from ..core.selection import GROUPS, check_sparsity, parse_pattern
 from ..errors import ConfigError, did_you_mean
 from ..evaluation.perplexity import perplexity
+from ..io.dtypes import DTYPE_NAMES
 from ..io.record import StageClock, peak_memory, versions
-from ..io.safetensors import ShardWriter
+from ..io.safetensors import DEFAULT_SHARD_SIZE, ShardWriter
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, should_stream
 from ..models import load_model, load_tokenizer, parse_device_map, resolve_model
@@ -51,7 +52,7 @@ class PruneConfig(BaseModel):
                                                        "2048].")
     seed: int = Field(0, description="Seed of the calibration windows.")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (one block at a time sits on it).")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
+    dtype: Literal[DTYPE_NAMES] = Field("float32", description="Weight dtype.")
     batch_size: Union[int, None] = Field(None, description="Calibration windows per forward [default: all at "
                                                            "once].")
     within_block: Literal[WITHIN_BLOCK_ORDERS] = Field(
@@ -60,7 +61,7 @@ class PruneConfig(BaseModel):
     eval_ppl: Union[str, None] = Field(None, description="Measure dense and pruned perplexity on this text "
                                                          "(e.g. wiki: held-out articles).")
     eval_windows: Union[int, None] = Field(64, description="Evaluation windows (0 = all).")
-    max_shard_size: str = Field("2GB", description="Largest safetensors shard written.")
+    max_shard_size: str = Field(DEFAULT_SHARD_SIZE, description="Largest safetensors shard written.")
     low_memory: Union[bool, None] = Field(None, description="Read, prune and write one decoder block at a time "
                                                             "from the safetensors shards [default: on when the "
                                                             "model would take more than half the available RAM].")
