@@ -119,3 +119,21 @@ def test_importing_the_pure_tensor_functions_loads_no_model_code():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_one_rule_says_what_a_model_argument_names(tmp_path):
+    from wandamerge.io.resolve import classify_model_argument
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert classify_model_argument("smollm2", {"smollm2": None}) == "embedded"
+    assert classify_model_argument(str(tmp_path / "model")) == "directory"
+    assert classify_model_argument(str(tmp_path / "weights.gguf")) == "gguf"
+    assert classify_model_argument("HuggingFaceTB/SmolLM2-135M") == "hub"
+    assert classify_model_argument("gpt2") == "hub"  # a hub id without an organisation
+    for bad, words in [(str(tmp_path / "missing.gguf"), "does not exist"), (str(tmp_path / "notes.txt"), "neither"),
+                       (str(tmp_path / "missing"), "does not exist"), ("./missing", "does not exist"),
+                       ("a/b/c", "does not exist"), ("org/", "does not exist")]:
+        with pytest.raises(errors.ModelError, match=words):
+            classify_model_argument(bad)

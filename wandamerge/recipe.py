@@ -47,9 +47,6 @@ GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask")
 NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda")
 
 
-closest = did_you_mean
-
-
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -79,7 +76,7 @@ def _check_raw_parameters(params, where: str):
     known = MODEL_PARAMETERS + GLOBAL_PARAMETERS
     for key, setting in params.items():
         if key not in known:
-            raise ValueError(f"unknown parameter {key!r} in {where}{closest(key, known)}")
+            raise ValueError(f"unknown parameter {key!r} in {where}{did_you_mean(key, known)}")
         if not _is_setting(setting):
             kind = "a number" if key in NUMERIC_PARAMETERS else "a value"
             raise ValueError(f"parameter {key!r} in {where} must be {kind}, a list of them (a gradient) or a list "
@@ -181,17 +178,17 @@ class MergeRecipe(_WithParameters):
     @classmethod
     def known_dtype(cls, value):
         if value is not None and value not in DTYPE_NAMES:
-            raise ValueError(f"dtype {value!r} is not supported{closest(value, DTYPE_NAMES)}")
+            raise ValueError(f"dtype {value!r} is not supported{did_you_mean(value, DTYPE_NAMES)}")
         return value
 
     @model_validator(mode="after")
     def consistent(self):
         if self.merge_method not in MERGE_METHODS:
-            raise ValueError(f"unknown merge_method {self.merge_method!r}{closest(self.merge_method, MERGE_METHODS)}")
+            raise ValueError(f"unknown merge_method {self.merge_method!r}{did_you_mean(self.merge_method, MERGE_METHODS)}")
         if MERGE_METHODS[self.merge_method].on == "deltas" and not self.base_model:
             raise ValueError(f"merge_method {self.merge_method!r} needs a base_model (it merges task vectors)")
         if self.sparsify and self.sparsify.score and self.sparsify.score not in SPARSIFIERS:
-            raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{closest(self.sparsify.score, SPARSIFIERS)}")
+            raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
         return self
@@ -207,7 +204,7 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel], section: s
     parts = [str(p) for p in err["loc"] if not _is_pydantic_tag(p, tags)]
     loc = ".".join([section, *parts] if section else parts)
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {loc!r}{closest(parts[-1], _fields_at(root, err['loc'][:-1]))}"
+        return f"{source}: unknown key {loc!r}{did_you_mean(parts[-1], _fields_at(root, err['loc'][:-1]))}"
     if err["type"] == "missing":
         return f"{source}: missing required key {loc!r}"
     message = err["msg"].removeprefix("Value error, ")

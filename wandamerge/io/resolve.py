@@ -19,8 +19,8 @@ ArgumentKind = Literal["embedded", "gguf", "directory", "hub"]
 
 def classify_model_argument(spec: str, embedded=()) -> ArgumentKind:
     """What a model argument names: an embedded model (a name in ``embedded``), a ``.gguf`` file, a local
-    directory, or a hub id (``org/name``: one slash, not a path). Anything else is refused here, once for
-    every command."""
+    directory, or a hub id (``org/name`` or a bare ``name``, not a path). Anything else is refused here,
+    once for every command."""
     spec = str(spec)
     if spec in embedded:
         return "embedded"
@@ -33,9 +33,9 @@ def classify_model_argument(spec: str, embedded=()) -> ArgumentKind:
         if not path.is_dir():
             raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
         return "directory"
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or not all(spec.split("/")):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not all(spec.split("/")):
         raise ModelError(f"model {spec} does not exist; check the path (a model is a directory, a .gguf file, "
-                         f"a hub id org/name" + (f" or one of: {', '.join(sorted(embedded))}" if embedded else "")
+                         f"a hub id org/name or name" + (f" or one of: {', '.join(sorted(embedded))}" if embedded else "")
                          + ")")
     return "hub"
 
