@@ -716,3 +716,10 @@ def test_random_recipes_through_the_cli_never_give_a_traceback(tmp_path_factory,
         assert result.exit_code == 0, result.output
     else:
         refused(result)
+
+
+def test_a_home_directory_of_no_user_is_a_recipe_error(tmp_path):
+    """Found by the fuzzer: ``~0`` names the home of a user that does not exist."""
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": "~0",
+                                                "models": [{"model": "~no_such_user_here/m"}]})
+    refused(cli("merge", recipe, "-o", tmp_path / "out"), "no home directory", "without ~")

@@ -108,8 +108,14 @@ def _leaf_values(setting) -> list:
 
 
 def expand_home(value):
-    """``~/...`` model paths mean the user's home, as in a shell."""
-    return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
+    """``~/...`` model paths mean the user's home, as in a shell (``~user/...`` that user's)."""
+    if not (isinstance(value, str) and value.startswith("~")):
+        return value
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:  # ~name of no user on this machine
+        raise ValueError(f"{value!r}: no home directory to expand {value.split('/')[0]!r} to; "
+                         "give the path without ~") from None
 
 
 class _WithParameters(BaseModel):
