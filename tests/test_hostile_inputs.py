@@ -19,7 +19,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -453,54 +452,8 @@ def test_merge_on_a_full_disk_says_so_and_leaves_nothing(work, monkeypatch):
 # Imports once, then forks one child per moment (no child pays for importing torch and transformers);
 # prints "PID MOMENT" per child and reaps them all. Each child runs `wandamerge prune` and, at its
 # moment, writes its marker file and stalls until the test kills it with SIGKILL.
-FORKER = textwrap.dedent("""
-    import json, os, pathlib, sys, time
-    import transformers.modeling_utils as mu
-    import wandamerge.jobs.prune
-    from transformers import LlamaForCausalLM
-    from wandamerge.cli import main
+FORKER = Path(__file__).parent / "programs" / "prune_forker.py"
 
-    def child(moment, root, args):
-        marker = pathlib.Path(root) / "marker"
-        err = os.open(pathlib.Path(root) / "stderr", os.O_WRONLY | os.O_CREAT)
-        os.dup2(err, 1)
-        os.dup2(err, 2)
-
-        def pause():
-            marker.write_text("ready")
-            time.sleep(600)
-
-        if moment == "mid-shard":  # part of a shard written, then stall
-            def partial(state, filename, metadata=None):
-                pathlib.Path(filename).write_bytes(b"\\0" * 100)
-                pause()
-            mu.safe_save_file = partial
-        elif moment in ("before-rename", "after-rename"):
-            rename = pathlib.Path.rename
-            def stalled(self, target):
-                if moment == "before-rename" and pathlib.Path(target).name == "out":
-                    pause()
-                result = rename(self, target)
-                if moment == "after-rename" and pathlib.Path(target).name == "out":
-                    pause()
-                return result
-            pathlib.Path.rename = stalled
-        try:
-            main(["-q", *args])
-        except SystemExit as exc:
-            os._exit(exc.code or 0)
-        os._exit(0)
-
-    children = []
-    for moment, root, args in json.loads(sys.argv[1]):
-        pid = os.fork()
-        if pid == 0:
-            child(moment, root, args)
-        children.append(pid)
-        print(pid, moment, flush=True)
-    for pid in children:
-        os.waitpid(pid, 0)
-""")
 
 
 def complete_model(out: Path) -> bool:
@@ -526,7 +479,7 @@ def test_a_killed_prune_leaves_nothing_or_a_whole_model(work):
         root.mkdir()
         jobs.append((moment, str(root), ["prune", str(work["base"]), "-o", str(root / "out"), "--calib",
                                          str(work["text"]), "--nsamples", "2", "--seqlen", "8"]))
-    forker = subprocess.Popen([sys.executable, "-c", FORKER, json.dumps(jobs)], stdout=subprocess.PIPE, text=True,
+    forker = subprocess.Popen([sys.executable, str(FORKER), json.dumps(jobs)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     rng = random.Random(1)
     pending = {}

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -186,16 +185,6 @@ def test_incompatible_inputs_are_refused_before_heavy_work(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-MERGEKIT_RUN = textwrap.dedent("""
-    import sys
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-    import yaml
-    config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
-    run_merge(config, sys.argv[2], options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
-""")
-
-
 @pytest.mark.parametrize("method, params", [
     ("ties", {"weight": 0.6, "density": 0.3}),
     ("task_arithmetic", {"weight": 0.6}),
@@ -216,7 +205,8 @@ def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, para
         recipe["parameters"] = {"normalize": True}
     path = _write(tmp_path / "recipe.yaml", recipe)
     theirs = tmp_path / "mergekit-out"
-    done = subprocess.run([sys.executable, "-c", MERGEKIT_RUN, str(path), str(theirs)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(theirs),
+                           "--no-copy-tokenizer", "--no-lazy-unpickle", "--quiet"], capture_output=True,
                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     ours = tmp_path / "ours"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -371,26 +370,8 @@ def _mergekit_python() -> Path:
 
 MERGEKIT_PYTHON = _mergekit_python()
 
-MERGEKIT_SCRIPT = textwrap.dedent("""
-    import sys
-    import torch
-    import mergekit
-    from importlib.metadata import version
-    from mergekit.merge_methods.api import merge_tensors
+MERGEKIT_PROGRAM = Path(__file__).parent / "programs" / "mergekit_merge_tensors.py"
 
-    assert version("mergekit") == "0.1.5", version("mergekit")
-    cases = torch.load(sys.argv[1])
-    results = []
-    for case in cases:
-        torch.manual_seed(case["seed"])
-        if case["method"] == "linear":
-            out = merge_tensors(case["finetuned"], "linear", parameters=case["parameters"])
-        else:
-            out = merge_tensors([case["base"], *case["finetuned"]], case["method"],
-                                parameters=case["parameters"], base_index=0)
-        results.append(out)
-    torch.save(results, sys.argv[2])
-""")
 
 
 def mergekit_cases() -> list[dict]:
@@ -445,7 +426,7 @@ def mergekit_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mergekit")
     torch.save(cases, folder / "cases.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([str(MERGEKIT_PYTHON), "-c", MERGEKIT_SCRIPT, str(folder / "cases.pt"),
+    done = subprocess.run([str(MERGEKIT_PYTHON), str(MERGEKIT_PROGRAM), str(folder / "cases.pt"),
                            str(folder / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return cases, torch.load(folder / "out.pt")
