@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_model, word_tokenizer
 from wandamerge.cli import main
-from wandamerge.jobs.evaluate import evaluate, normalized_accuracy
+from wandamerge.jobs.evaluate import normalized_accuracy
 from wandamerge.evaluation.perplexity import perplexity, strided_windows
 from wandamerge.evaluation.tasks import OFFLINE_TASKS, read_examples, task_yaml
 from wandamerge.evaluation.zeroshot import ZeroShotError, zero_shot

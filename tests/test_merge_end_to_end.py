@@ -12,14 +12,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from wandamerge.cli import main
 from wandamerge.jobs.merge import merge
 from wandamerge.recipe import RecipeError, parse_recipe
 
-from conftest import VOCAB, finetune_of, save, tensors, tiny_model, word_tokenizer
+from conftest import VOCAB, finetune_of, save, tensors, tiny_model
 
 
 @pytest.fixture

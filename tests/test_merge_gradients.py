@@ -19,8 +19,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from wandamerge.cli import main
 

@@ -4,8 +4,8 @@
 """
 import json, os, pathlib, sys, time
 import transformers.modeling_utils as mu
-import wandamerge.jobs.prune
-from transformers import LlamaForCausalLM
+import wandamerge.jobs.prune  # noqa: F401  (imported once, before the children fork)
+from transformers import LlamaForCausalLM  # noqa: F401
 from wandamerge.cli import main
 
 def child(moment, root, args):
