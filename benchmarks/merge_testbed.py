@@ -1,29 +1,36 @@
-"""Merging the testbed's four fine-tunes: every method x score x density, per-task accuracy.
+"""Merging the testbed's eight fine-tunes: every method tuned on validation, reported on test with intervals.
 
-    python benchmarks/testbed.py                 # first: build (or reuse) the fine-tunes
-    python benchmarks/merge_testbed.py           # the grid below; --resume keeps rows already measured
-    python benchmarks/merge_testbed.py --only ties/wanda/0.2
+    python benchmarks/testbed.py                  # first: build (or reuse) the fine-tunes and references
+    python benchmarks/merge_testbed.py            # the whole protocol; resumes from its cache by itself
+    python benchmarks/merge_testbed.py --only ties --only ties/wanda
+    python benchmarks/merge_testbed.py --report   # tables and plot from what is measured, running nothing
 
-Methods: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della;
-scores: magnitude (TIES' trim), random (DARE's drop), wanda (|delta| * ||X||
-with X the base model's inputs on wiki calibration windows, per output row);
-densities 0.1, 0.2, 0.5; and 2:4 Wanda-scored deltas for every method. Every
-fine-tune has weight 1 and the density of its row; each method keeps its own
-defaults otherwise (normalize, rescale). Breadcrumbs and DELLA also run with
-their own scores (breadcrumbs' gamma = 0.01, DELLA's epsilon = min(0.1,
-density / 2)); those parameters belong to the scores, so the other scores run
-without them. The merge goes through
-`wandamerge.merge`; the evaluation is zero-shot multiple choice by
-log-likelihood on the first ``--limit`` examples of each task's test split
-(`wandamerge.evaluation.choices`: lm-eval's ``acc``, checked equal by the
-tests and on SmolLM2, without the harness's cost on a CPU), with the base and
-each fine-tune on every task as reference rows.
+Protocol (one grid for every method, written below as LAMBDAS x DENSITIES):
+1. Each method is merged through ``wandamerge.merge`` at lambda = 1, once per
+   density (and per seed for random methods). Lambda scales the combined task
+   vector after every other step (``wandamerge.merging.methods``), so the model
+   at lambda is ``base + lambda * (merged - base)``; each lambda of the grid is
+   evaluated from that one merge (the library's own lambda gives the same
+   tensors for every method here: ``tests/test_testbed_stats.py``).
+2. Validation: every (density, lambda) of the grid on each task's validation
+   split (seed 0 for random methods). ``choose_setting`` picks the setting with
+   the best mean normalized validation accuracy; it takes ``ValidationResult``
+   records, which carry no test number (see ``tests/test_testbed_stats.py``).
+3. Test: the chosen setting on each task's test split, with seeds 0, 1 and 2 for
+   random methods; per-task accuracy, mean absolute and mean normalized accuracy
+   (merged / the task's own fine-tune) with 95% bootstrap intervals over test
+   items and seeds; a paired bootstrap against the best data-free method (best
+   on validation); the merged model's perplexity on held-out Wikipedia windows.
+4. Untuned rows: each method at mergekit's lambda = 1 with its chosen density
+   (for task arithmetic: the interference figure of all eight at lambda = 1).
+Methods run one after the other, each through all four steps, so a stopped run
+leaves whole rows.
 
-The base model's activation norms for the Wanda score are computed once for
-the run and reused by every Wanda merge (the same windows, the same base: the
-same numbers), which the library would otherwise recompute per merge.
-
-Results: benchmarks/results/merge_testbed.{json,md} and merge_testbed_normalized.png.
+Every measurement is cached by content (records of 0/1 per example, in the
+testbed's cache), and the measured numbers are also written to
+``benchmarks/results/merge_testbed_records.json`` as they come, so a run that is
+stopped resumes where it was. Results: ``benchmarks/results/merge_testbed.{md,json}``
+and ``merge_testbed.png``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,193 +49,341 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della"]
-SCORES = ["magnitude", "random", "wanda"]
-DENSITIES = [0.2, 0.1, 0.5]
-TASKS = ["newsgroups", "tweets", "analogy_semantic", "analogy_syntactic"]  # the testbed's fine-tunes
+from testbed import TASKS, Records, build_finetunes, default_root, digest  # noqa: E402
+from testbed_stats import ValidationResult, choose_setting, interval, paired, summary  # noqa: E402
+
+LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5)
+DENSITIES = (0.1, 0.2, 0.5)
+SEEDS = (0, 1, 2)  # random methods, on test; validation uses the first
+CALIBRATION = {"data": "wiki", "nsamples": 32, "seqlen": 512}  # Wanda norms: the base on wiki windows
+PPL_WINDOWS = 16  # of ../shared/data/smollm2-wiki/eval_64x512.pt (held-out Wikipedia)
+RECORDS_FILE = HERE / "results" / "merge_testbed_records.json"
 
 
-def grid() -> list[tuple[str, str, str]]:
-    """(method, score, density or '2:4'): the issue's grid first, then breadcrumbs' and DELLA's own scores."""
-    own = {"breadcrumbs": ["breadcrumbs"], "della": ["della"]}  # their papers' own scores as well
-    runs = [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in SCORES]
-    runs += [(m, "wanda", "2:4") for m in METHODS]
-    return runs + [(m, s, str(d)) for d in DENSITIES for m in METHODS for s in own.get(m, [])]
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a merge method, the score that trims its task vectors, its own parameters."""
+    name: str
+    merge_method: str
+    score: str | None = None  # None: no trim (task arithmetic)
+    random: bool = False
+    data_free: bool = True
+    params: dict = field(default_factory=dict)
+
+    @property
+    def densities(self) -> tuple:
+        return DENSITIES if self.score else (None,)
+
+    def seeds(self, split: str) -> tuple:
+        return (SEEDS if split == "test" else SEEDS[:1]) if self.random else (0,)
 
 
-def recipe_for(method: str, score: str, shape: str, base: str, finetunes: dict[str, str], calib: dict) -> dict:
-    params: dict = {"weight": 1.0}
-    if shape != "2:4":
-        params["density"] = float(shape)
-    if score == "breadcrumbs":  # gamma and epsilon belong to those scores, not to the methods
-        params["gamma"] = 0.01
-    if score == "della":
-        params["epsilon"] = min(0.1, float(shape) / 2, (1 - float(shape)) / 2)
-    recipe = {"merge_method": method, "base_model": base,
-              "models": [{"model": finetunes[t], "parameters": dict(params)} for t in TASKS], "dtype": "float32",
-              "sparsify": {"score": score, "group": "row"}}
-    if shape == "2:4":
-        recipe["sparsify"]["pattern"] = "2:4"
-    if score == "wanda":
-        recipe["calibration"] = calib
+METHODS = [  # in the order they are run: the central comparison first
+    Method("task_arithmetic", "task_arithmetic"),
+    Method("ties", "ties", "magnitude"),
+    Method("ties/wanda", "ties", "wanda", data_free=False),
+    Method("task_arithmetic/wanda", "task_arithmetic", "wanda", data_free=False),
+    Method("dare_ties", "dare_ties", "random", random=True),
+    Method("dare_linear", "dare_linear", "random", random=True),
+    Method("breadcrumbs", "breadcrumbs", "breadcrumbs", params={"gamma": 0.01}),
+    Method("della", "della", "della", random=True),
+]
+
+
+def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str]) -> dict:
+    params: dict = {"weight": 1.0, **method.params}
+    if density is not None:
+        params["density"] = density
+    if method.score == "della":
+        params["epsilon"] = min(0.1, density / 2, (1 - density) / 2)
+    recipe = {"merge_method": method.merge_method, "base_model": base, "dtype": "float32",
+              "models": [{"model": finetunes[t], "parameters": dict(params)} for t in TASKS],
+              "calibration": {**CALIBRATION, "seed": seed}}  # the seed also drives random drops
+    if method.score:
+        recipe["sparsify"] = {"score": method.score, "group": "row"}
     return recipe
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class Bench:
+    """The base in memory, merges on demand, every evaluation through the records cache."""
+
+    def __init__(self, base: Path, finetunes: dict[str, Path], root: Path, work: Path):
+        import torch
+
+        from wandamerge.models import load_model
+
+        self.base, self.finetunes, self.work = base, {t: str(p) for t, p in finetunes.items()}, work
+        self.records = Records(root)
+        self.model, self.tokenizer = load_model(str(base))
+        self.model.eval()
+        self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.delta: dict | None = None
+        self.loaded_key = None
+        self.saved = json.loads(RECORDS_FILE.read_text()) if RECORDS_FILE.is_file() else {}
+        self.fingerprint = digest({"base": base.name, "finetunes": {t: Path(p).name for t, p in finetunes.items()},
+                                   "calibration": CALIBRATION})
+        torch.set_grad_enabled(False)
+
+    def merge_key(self, method: Method, density, seed) -> str:
+        return f"{method.name.replace('/', '-')}-d{density}-s{seed}-{self.fingerprint}"
+
+    def load_merge(self, method: Method, density, seed) -> None:
+        """Merge at lambda 1 through the library and keep ``merged - base`` in memory."""
+        from safetensors.torch import load_file
+
+        from wandamerge.jobs.merge import merge
+        from wandamerge.recipe import parse_recipe
+
+        key = self.merge_key(method, density, seed)
+        if self.loaded_key == key:
+            return
+        out = self.work / key
+        t0 = time.perf_counter()
+        recipe = parse_recipe(recipe_for(method, density, seed, str(self.base), self.finetunes), key)
+        merge(recipe, out, overwrite=True, progress=False)
+        merged = {}
+        for shard in sorted(out.glob("*.safetensors")):
+            merged.update(load_file(shard))
+        self.delta = {k: merged[k] - v if k in merged else None for k, v in self.base_state.items()}
+        shutil.rmtree(out, ignore_errors=True)
+        self.loaded_key = key
+        print(f"   merged {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def set_lambda(self, lam: float) -> None:
+        for name, param in self.model.state_dict().items():
+            delta = self.delta.get(name)
+            param.copy_(self.base_state[name] if delta is None else self.base_state[name] + lam * delta)
+
+    def measure(self, method: Method, density, seed, lam, split: str) -> dict[str, list[int]]:
+        """Per-task 0/1 records of the merged model at lambda on a split (cached by content)."""
+        name = f"{self.merge_key(method, density, seed)}-l{lam}"
+        saved = self.saved.get(name, {})
+        if all(f"{t}/{split}" in saved for t in TASKS):
+            return {t: saved[f"{t}/{split}"] for t in TASKS}
+
+        def load():
+            self.load_merge(method, density, seed)
+            self.set_lambda(lam)
+            return self.model, self.tokenizer
+
+        t0 = time.perf_counter()
+        out = {t: self.records.measure(name, t, split, load) for t in TASKS}
+        self.saved.setdefault(name, {}).update({f"{t}/{split}": v for t, v in out.items()})
+        self.saved[name][f"seconds/{split}"] = round(time.perf_counter() - t0, 1)  # with its merge, if it ran one
+        self.flush()
+        print(f"   {method.name} d={density} s={seed} lambda={lam} {split}: "
+              + " ".join(f"{t}={sum(v) / len(v):.2f}" for t, v in out.items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return out
+
+    def perplexity(self, method: Method, density, seed, lam) -> float:
+        import torch
+
+        from wandamerge.evaluation.perplexity import perplexity
+
+        name = f"{self.merge_key(method, density, seed)}-l{lam}"
+        if "ppl" not in self.saved.get(name, {}):
+            self.load_merge(method, density, seed)
+            self.set_lambda(lam)
+            windows = torch.load(REPO.parent / "shared/data/smollm2-wiki/eval_64x512.pt")[:PPL_WINDOWS]
+            self.saved.setdefault(name, {})["ppl"] = perplexity(self.model, windows, progress=False)
+            self.flush()
+        return self.saved[name]["ppl"]
+
+    def flush(self) -> None:
+        tmp = RECORDS_FILE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.saved))
+        tmp.replace(RECORDS_FILE)
+
+
+def validation_grid(bench: Bench, method: Method, own_val: dict) -> list[ValidationResult]:
+    """Every setting of the grid on validation: the only numbers a choice may see."""
+    results = []
+    for density in method.densities:
+        for lam in LAMBDAS:
+            per_seed = [bench.measure(method, density, s, lam, "validation") for s in method.seeds("validation")]
+            setting = (("density", density), ("lambda", lam))
+            results.append(ValidationResult(setting, summary(per_seed, own_val)["normalized"]))
+    return results
+
+
+def test_row(bench: Bench, method: Method, density, lam, own_test: dict, label: str) -> dict:
+    per_seed = [bench.measure(method, density, s, lam, "test") for s in method.seeds("test")]
+    stats = summary(per_seed, own_test)
+    return {"name": label, "method": method.name, "data_free": method.data_free, "density": density,
+            "lambda": lam, "seeds": len(per_seed), **stats,
+            "absolute_ci": interval(per_seed), "normalized_ci": interval(per_seed, own_test),
+            "ppl": bench.perplexity(method, density, 0, lam), "items": per_seed}
+
+
+def reference_rows(refs: dict, own_test: dict) -> list[dict]:
+    rows = []
+    for name in ["base", "multitask"]:
+        if name in refs:
+            per_seed = [{t: refs[name][t]["test"] for t in TASKS}]
+            rows.append({"name": name, "method": name, **summary(per_seed, own_test),
+                         "absolute_ci": interval(per_seed), "normalized_ci": interval(per_seed, own_test)})
+    rows.append({"name": "each task's own fine-tune", "method": "finetunes",
+                 "per_task": dict(own_test), "absolute": sum(own_test.values()) / len(own_test), "normalized": 1.0})
+    return rows
+
+
+def run(bench: Bench, methods: list[Method], refs: dict) -> dict:
+    """Method by method (so a stopped run leaves whole rows): its validation grid, the choice from those
+    numbers alone, then the chosen setting and mergekit's lambda = 1 on test."""
+    from testbed_stats import accuracy
+
+    own_val = {t: accuracy(refs[t][t]["validation"]) for t in TASKS}
+    own_test = {t: accuracy(refs[t][t]["test"]) for t in TASKS}
+    grids, chosen = {}, {}
+    rows = reference_rows(refs, own_test)
+    for method in methods:
+        print(f"== {method.name}: validation grid", flush=True)
+        grids[method.name] = validation_grid(bench, method, own_val)
+        setting = chosen[method.name] = dict(choose_setting(grids[method.name]))  # validation results only
+        print(f"== {method.name}: test at {setting}", flush=True)
+        rows.append(test_row(bench, method, setting["density"], setting["lambda"], own_test, f"{method.name} (tuned)"))
+        if setting["lambda"] != 1.0:
+            rows.append(test_row(bench, method, setting["density"], 1.0, own_test,
+                                 f"{method.name}, lambda 1 (untuned)"))
+    compare_to_best_data_free(rows, grids, chosen, own_test)
+    return {"grids": {m: [{"setting": dict(r.setting), "normalized": r.normalized} for r in g]
+                      for m, g in grids.items()}, "chosen": chosen, "rows": rows}
+
+
+def compare_to_best_data_free(rows: list[dict], grids: dict, chosen: dict, own_test: dict) -> None:
+    """Paired bootstrap of every tuned row against the data-free method that is best ON VALIDATION."""
+    data_free = [m.name for m in METHODS if m.data_free and m.name in grids]
+    if not data_free:
+        return
+    best = max(data_free, key=lambda m: max(r.normalized for r in grids[m]))
+    reference = next(r for r in rows if r["name"] == f"{best} (tuned)")
+    for row in rows:
+        if "items" in row and row is not reference:
+            result = paired(row["items"], reference["items"], own_test)
+            row["vs_best_data_free"] = {"reference": best, "difference": result.difference, "low": result.low,
+                                        "high": result.high, "verdict": result.verdict}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def fmt_ci(value: float, ci) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def markdown(meta: dict, result: dict) -> str:
+    lines = [f"# Merging eight fine-tunes of SmolLM2-135M, tuned on validation ({meta['date']}, commit "
+             f"{meta['commit']})", "", f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
+             f"- grid for every method: lambda in {list(LAMBDAS)} x density in {list(DENSITIES)} (density only where "
+             "the method trims); chosen on mean normalized validation accuracy; random methods: seed 0 on "
+             f"validation, seeds {list(SEEDS)} on test",
+             "- test: per-task accuracy; mean absolute and mean normalized (merged / own fine-tune) accuracy with "
+             "95% bootstrap intervals over test items (and seeds); paired bootstrap against the best data-free "
+             "method on validation; perplexity on the first "
+             f"{PPL_WINDOWS} x 512 held-out Wikipedia windows of `../shared/data/smollm2-wiki/eval_64x512.pt`",
+             f"- Wanda norms: the base on {CALIBRATION['nsamples']} x {CALIBRATION['seqlen']} wiki tokens",
+             f"- cost on this 2-core CPU: {result.get('compute_seconds', 0) / 3600:.1f} h of merging and evaluation "
+             "in all (summed over resumed runs; the fine-tunes' own times are in `testbed.md`)", "",
+             "| row | density | lambda | " + " | ".join(TASKS) + " | mean abs [95%] | mean normalized [95%] | "
+             "vs best data-free [95%] | ppl |", "|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|"]
+    for r in result["rows"]:
+        versus = r.get("vs_best_data_free")
+        lines.append(
+            f"| {r['name']} | {r.get('density') or ''} | {r.get('lambda') or ''} | "
+            + " | ".join(f"{r['per_task'][t]:.3f}" for t in TASKS)
+            + f" | {fmt_ci(r['absolute'], r.get('absolute_ci'))} | {fmt_ci(r['normalized'], r.get('normalized_ci'))} | "
+            + (f"{versus['difference']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}] {versus['verdict']}"
+               if versus else "") + f" | {r['ppl']:.1f} |" if "ppl" in r else " |")
+    lines += ["", "## Validation grid (mean normalized validation accuracy; the chosen setting in bold)", "",
+              "| method | " + " | ".join(f"d={d} l={l}" for d in DENSITIES for l in LAMBDAS) + " |",
+              "|---|" + "---|" * (len(DENSITIES) * len(LAMBDAS))]
+    for name, grid in result["grids"].items():
+        cells = {(g["setting"]["density"], g["setting"]["lambda"]): g["normalized"] for g in grid}
+        chosen = result["chosen"][name]
+        row = []
+        for d in DENSITIES:
+            for lam in LAMBDAS:
+                key = (d if (d, lam) in cells else None, lam)
+                value = cells.get(key)
+                text = "" if value is None or (key[0] is None and d != DENSITIES[0]) else f"{value:.3f}"
+                bold = text and key == (chosen["density"], chosen["lambda"]) and (key[0] is not None or d == DENSITIES[0])
+                row.append(f"**{text}**" if bold else text)
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "normalized_ci" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 0.45 * len(rows) + 2.5))
+    y = range(len(rows))
+    means = [r["normalized"] for r in rows]
+    errors = [[m - r["normalized_ci"][0] for m, r in zip(means, rows)],
+              [r["normalized_ci"][1] - m for m, r in zip(means, rows)]]
+    colors = ["tab:gray" if "items" not in r else "tab:blue" if r.get("data_free") else "tab:orange" for r in rows]
+    left.barh(list(y), means, xerr=errors, color=colors, capsize=3)
+    left.set_yticks(list(y), [r["name"] for r in rows], fontsize=8)
+    left.axvline(1.0, color="black", lw=0.8, ls="--")
+    left.set_xlabel("mean normalized test accuracy (merged / own fine-tune), 95% bootstrap interval")
+    left.invert_yaxis()
+    width = 0.8 / len(rows)
+    for k, r in enumerate(rows):
+        right.bar([i + k * width for i in range(len(TASKS))], [r["per_task"][t] for t in TASKS], width,
+                  label=r["name"], color=plt.cm.tab20(k % 20))
+    right.set_xticks([i + 0.4 for i in range(len(TASKS))], TASKS, rotation=30, fontsize=8)
+    right.set_ylabel("test accuracy")
+    right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, argv: list[str]) -> None:
+    from wandamerge.io.record import portable, provenance
+
+    meta = portable(provenance([__file__, *argv]))
+    public = {"meta": meta, **result,
+              "rows": [{k: v for k, v in r.items() if k != "items"} for r in result["rows"]]}
+    (HERE / "results" / "merge_testbed.json").write_text(json.dumps(public, indent=2))
+    (HERE / "results" / "merge_testbed.md").write_text(markdown(meta, result))
+    plot(result, HERE / "results" / "merge_testbed.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", help="METHOD/SCORE/DENSITY (repeatable)")
-    parser.add_argument("--limit", type=int, default=80, help="test examples per task")
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens (wanda)")
-    parser.add_argument("--resume", action="store_true", help="keep rows of an earlier run")
-    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--only", action="append", help="these methods only (names as in METHODS)")
+    parser.add_argument("--resume", action="store_true", help="accepted for habit: every run resumes from its cache")
+    parser.add_argument("--work", type=Path, default=None, help="where merges are written, then deleted")
     args = parser.parse_args()
-
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
-    import wandamerge.jobs.merge as merge_module
-    from testbed import default_root
-    from wandamerge.evaluation.choices import choice_accuracy
-    from wandamerge.jobs.evaluate import load_for_eval, normalized_accuracy
-    from wandamerge.evaluation.tasks import read_examples
-    from wandamerge.jobs.merge import merge
+    from testbed import reference_records
     from wandamerge.models import prepare_smollm2
-    from wandamerge.recipe import parse_recipe
 
-    base = str(prepare_smollm2())
+    base = prepare_smollm2()
     root = default_root()
-    finetunes = {t: str(root / t) for t in TASKS}
-    missing = [t for t, p in finetunes.items() if not (Path(p) / "testbed.json").is_file()]
-    if missing:
-        raise SystemExit(f"fine-tunes missing for {missing}: run python benchmarks/testbed.py first")
-    work = args.work or root.parent / "merge-testbed"
+    paths = build_finetunes(base, root, [*TASKS, "multitask"])
+    refs = reference_records(base, paths, Records(root))
+    work = args.work or root / "merges"
     work.mkdir(parents=True, exist_ok=True)
-    calib = {"data": "wiki", "nsamples": args.nsamples, "seqlen": 512, "seed": 0}
-
-    memo: dict = {}
-    original = merge_module.collect_input_norms
-
-    def collect_once(model, windows, **kwargs):  # the same base and windows give the same norms
-        key = (getattr(model.config, "_name_or_path", ""), windows.shape, hash(windows.numpy().tobytes()))
-        if key not in memo:
-            memo[key] = original(model, windows, **kwargs)
-        return memo[key]
-
-    merge_module.collect_input_norms = collect_once
-
-    results_path = HERE / "results" / "merge_testbed.json"
-    rows: list[dict] = []
-    if args.resume and results_path.is_file():
-        rows = [r for r in json.loads(results_path.read_text())["rows"] if "error" not in r]  # retry failures
-    done = {r["name"] for r in rows}
-
-    def accuracies(spec: str) -> dict[str, dict]:
-        model, tokenizer = load_for_eval(spec, base=base)
-        return {t: choice_accuracy(model, tokenizer, read_examples(t, "test"), limit=args.limit) for t in TASKS}
-
-    # reference rows: the base and each fine-tune on every task
-    for name, spec in [("base", base)] + [(f"fine-tune {t}", p) for t, p in finetunes.items()]:
-        if name in done:
-            continue
-        print(f"== {name}", flush=True)
-        result = accuracies(spec)
-        rows.append({"name": name, "kind": "reference", "tasks": {t: r["acc"] for t, r in result.items()},
-                     "stderr": {t: r["acc_stderr"] for t, r in result.items()}})
-        write(rows, args)
-    own = {t: {"acc": next(r["tasks"][t] for r in rows if r["name"] == f"fine-tune {t}")} for t in TASKS}
-
-    wanted = [tuple(o.split("/")) for o in args.only] if args.only else grid()
-    for method, score, shape in wanted:
-        name = f"{method}/{score}/{shape}"
-        if name in done:
-            continue
-        print(f"== {name}", flush=True)
-        out = work / name.replace("/", "-").replace(":", "of")
-        recipe = parse_recipe(recipe_for(method, score, shape, base, finetunes, calib), name)
-        t0 = time.perf_counter()
-        try:
-            record = merge(recipe, out, overwrite=True, progress=False)
-        except Exception as err:  # a method that cannot run at a setting: say so in the table
-            rows.append({"name": name, "kind": "merge", "method": method, "score": score, "shape": shape,
-                         "error": f"{type(err).__name__}: {err}"})
-            write(rows, args)
-            print(f"   failed: {err}", flush=True)
-            continue
-        merge_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = accuracies(str(out))
-        normalized = normalized_accuracy(result, own)
-        rows.append({"name": name, "kind": "merge", "method": method, "score": score, "shape": shape,
-                     "density": None if shape == "2:4" else float(shape),
-                     "tasks": {t: r["acc"] for t, r in result.items()},
-                     "stderr": {t: r["acc_stderr"] for t, r in result.items()},
-                     "normalized": normalized["per_task"], "normalized_mean": normalized["mean"],
-                     "merge_s": round(merge_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
-                     "fallback_tensors": len(record.get("fallbacks") or {})})
-        print(f"   normalized {normalized['mean']:.3f}  "
-              + " ".join(f"{t}={a:.3f}" for t, a in rows[-1]["tasks"].items()), flush=True)
-        write(rows, args)
-        shutil.rmtree(out, ignore_errors=True)
-    write(rows, args, final=True)
-
-
-def write(rows: list[dict], args, final: bool = False) -> None:
-    from wandamerge.io.record import portable as shown
-    from wandamerge.io.record import provenance
-
-    meta = shown({**provenance([__file__, *sys.argv[1:]]), "limit": args.limit, "nsamples": args.nsamples})
-    results = HERE / "results"
-    (results / "merge_testbed.json").write_text(json.dumps({"meta": meta, "rows": shown(rows)}, indent=2))
-    (results / "merge_testbed.md").write_text(markdown(meta, shown(rows)))
-    if final:
-        plot(rows, results / "merge_testbed_normalized.png")
-
-
-def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# Merging the testbed's fine-tunes ({meta['date']}, commit {meta['commit']})", "",
-             f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
-             f"- accuracy: zero-shot multiple choice by log-likelihood (equal to lm-eval's acc) on the first "
-             f"{meta['limit']} test examples of each task; "
-             f"normalized = merged / the task's own fine-tune; Wanda norms from {meta['nsamples']} x 512 wiki "
-             "tokens through the base", "",
-             "| run | " + " | ".join(TASKS) + " | normalized mean | min | merge s |",
-             "|---|" + "---|" * (len(TASKS) + 3)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |")
-            continue
-        accs = " | ".join(f"{r['tasks'].get(t, float('nan')):.3f}" for t in TASKS)
-        norm = r.get("normalized_mean")
-        lines.append(f"| {r['name']} | {accs} | {'' if norm is None else f'{norm:.3f}'} | "
-                     f"{'' if norm is None else format(min(r['normalized'].values()), '.3f')} | "
-                     f"{r.get('merge_s', '')} |")
-    # the claim: wanda against magnitude and random at the same method and density
-    merges = {(r["method"], r["score"], r["shape"]): r for r in rows if r.get("kind") == "merge" and "error" not in r}
-    compare = []
-    for (method, score, shape), r in sorted(merges.items()):
-        if score != "wanda" or shape == "2:4":
-            continue
-        for other in ("magnitude", "random"):
-            o = merges.get((method, other, shape))
-            if o:
-                compare.append((method, shape, other, r["normalized_mean"] - o["normalized_mean"]))
-    if compare:
-        wins = sum(d > 1e-9 for *_, d in compare)
-        ties = sum(abs(d) <= 1e-9 for *_, d in compare)
-        lines += ["", "## Wanda against magnitude and random at the same method and density", "",
-                  f"Wanda's normalized mean is higher in {wins} of {len(compare)} pairs, equal in {ties}.", "",
-                  "| method | density | against | wanda minus other |", "|---|---|---|---|"]
-        lines += [f"| {m} | {s} | {o} | {d:+.3f} |" for m, s, o, d in compare]
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    from wandamerge.report import Run, plot_normalized
-
-    runs = [Run(name=r["name"], path="", job="merge", method=r["method"], score=r["score"], density=r["density"],
-                normalized=r["normalized_mean"])
-            for r in rows if r.get("kind") == "merge" and "error" not in r and r.get("density") is not None]
-    plot_normalized(runs, path)
+    bench = Bench(base, {t: paths[t] for t in TASKS}, root, work)
+    methods = [m for m in METHODS if not args.only or m.name in args.only]
+    started = time.perf_counter()
+    result = run(bench, methods, refs)
+    result["seconds"] = round(time.perf_counter() - started)
+    result["compute_seconds"] = round(sum(v for entry in bench.saved.values() for k, v in entry.items()
+                                          if k.startswith("seconds/")))
+    write(result, sys.argv[1:])
+    print((HERE / "results" / "merge_testbed.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""The merging testbed's statistics and its choice of settings (benchmarks/testbed_stats.py, merge_testbed.py).
+
+The choice must see validation numbers only: the records below are built so that the test numbers would
+pick another setting, and the protocol must not follow them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import testbed_stats as stats  # noqa: E402
+
+
+def test_summary_by_hand():
+    per_seed = [{"a": [1, 1, 0, 0], "b": [1, 1, 1, 0]}, {"a": [1, 0, 0, 0], "b": [1, 1, 1, 1]}]
+    own = {"a": 0.5, "b": 1.0}
+    result = stats.summary(per_seed, own)
+    assert result["per_task"] == pytest.approx({"a": 0.375, "b": 0.875})  # seeds averaged
+    assert result["absolute"] == pytest.approx(0.625)
+    assert result["normalized"] == pytest.approx((0.375 / 0.5 + 0.875 / 1.0) / 2)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    items = [1] * 200 + [0] * 200  # accuracy 0.5 on 400 items: standard error 0.025
+    low, high = stats.interval([{"a": items}], boot=4000)
+    assert low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.01)
+    assert high == pytest.approx(0.5 + 1.96 * 0.025, abs=0.01)
+    assert stats.task_interval(items, boot=4000) == pytest.approx((low, high), abs=0.01)
+    assert stats.interval([{"a": [1] * 50}]) == (1.0, 1.0)  # nothing to resample
+
+
+def test_interval_widens_with_seeds_that_disagree():
+    same = [{"a": [1, 0] * 100}] * 3
+    differ = [{"a": [1, 0] * 100}, {"a": [1] * 200}, {"a": [0] * 200}]
+    narrow, wide = stats.interval(same), stats.interval(differ)
+    assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+
+
+def test_paired_bootstrap():
+    own = {"a": 1.0, "b": 1.0}
+    base = [{"a": [1, 0] * 150, "b": [0, 1] * 150}]
+    better = [{"a": [1, 1] * 150, "b": [1, 1] * 150}]  # right wherever the reference is, and more
+    result = stats.paired(better, base, own)
+    assert result.difference == pytest.approx(0.5)
+    assert result.verdict == "better" and result.p_worse_or_equal == 0.0
+    assert stats.paired(base, better, own).verdict == "worse"
+    same = stats.paired(base, base, own)
+    assert same.difference == 0 and same.verdict == "within noise"
+    # pairing: the same items drawn for both sides, so a constant shift has no spread at all
+    assert same.low == same.high == 0
+
+
+def test_choose_setting_takes_validation_results_only():
+    results = [stats.ValidationResult((("lambda", 0.5),), 0.80), stats.ValidationResult((("lambda", 1.0),), 0.90),
+               stats.ValidationResult((("lambda", 1.5),), 0.90)]
+    assert stats.choose_setting(results) == (("lambda", 1.0),)  # a tie goes to the first in grid order
+    with pytest.raises(TypeError, match="validation results only"):
+        stats.choose_setting([{"setting": (("lambda", 0.5),), "validation": 0.8, "test": 0.99}])
+    assert not any("test" in f for f in stats.ValidationResult.__dataclass_fields__)
+
+
+class FakeBench:
+    """Records by split: on validation lambda 0.5 wins, on test lambda 1.5 would."""
+
+    def __init__(self, tasks):
+        self.tasks, self.asked = tasks, []
+
+    def measure(self, method, density, seed, lam, split):
+        self.asked.append((method.name, density, seed, lam, split))
+        favourite = 0.5 if split == "validation" else 1.5
+        right = (90 if lam == favourite else 60) + (5 if density in (None, 0.2) else 0)
+        return {t: [1] * right + [0] * (100 - right) for t in self.tasks}
+
+    def perplexity(self, *args):
+        return 20.0
+
+
+def test_the_protocol_chooses_on_validation_although_test_would_choose_otherwise():
+    import merge_testbed as mt
+
+    full = {t: {"validation": [1] * 100, "test": [1] * 100} for t in mt.TASKS}
+    refs = {"base": full, "multitask": full, **{t: full for t in mt.TASKS}}
+    bench = FakeBench(mt.TASKS)
+    methods = [m for m in mt.METHODS if m.name in ("task_arithmetic", "ties", "dare_ties")]
+    result = mt.run(bench, methods, refs)
+    for name in ("task_arithmetic", "ties", "dare_ties"):
+        assert result["chosen"][name]["lambda"] == 0.5  # test alone would have picked 1.5
+    assert result["chosen"]["ties"]["density"] == 0.2
+    # per method, every validation setting of its grid was measured before any of its test numbers
+    for name, size in (("task_arithmetic", len(mt.LAMBDAS)), ("ties", len(mt.LAMBDAS) * len(mt.DENSITIES)),
+                       ("dare_ties", len(mt.LAMBDAS) * len(mt.DENSITIES))):
+        asked = [a for a in bench.asked if a[0] == name]
+        first_test = next(i for i, a in enumerate(asked) if a[-1] == "test")
+        assert first_test == size and all(a[-1] == "test" for a in asked[first_test:])  # seed 0 on validation
+    tuned = next(r for r in result["rows"] if r["name"] == "dare_ties (tuned)")
+    assert tuned["seeds"] == len(mt.SEEDS) and tuned["normalized"] == pytest.approx(0.65)
+    assert math.isfinite(tuned["vs_best_data_free"]["difference"])
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "ties/wanda", "task_arithmetic/wanda", "dare_ties",
+                                  "dare_linear", "breadcrumbs", "della"])
+def test_each_lambda_of_the_grid_is_the_lambda_one_merge_scaled(name):
+    """The benchmark evaluates lambda as base + lambda * (merge at lambda 1 - base): the library's own
+    lambda must give the same tensor, for every method of the testbed (same seed for the random ones)."""
+    import merge_testbed as mt
+    import torch
+
+    from wandamerge.merging.methods import merge_tensor
+
+    method = next(m for m in mt.METHODS if m.name == name)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 16, generator=gen)
+    finetuned = [base + 0.1 * torch.randn(6, 16, generator=gen) for _ in range(3)]
+    options = {"score": method.score, **{k: [v] * 3 for k, v in method.params.items()}}
+    if method.score == "wanda":
+        options["input_sq_norms"] = [torch.rand(16, generator=gen) for _ in range(3)]
+    if method.score == "della":
+        options["epsilon"] = [0.1] * 3
+    densities = 0.5 if method.score else None
+
+    def merged(lam):
+        return merge_tensor(method.merge_method, base, finetuned, [1.0] * 3, densities, lambda_=lam,
+                            generator=torch.Generator().manual_seed(7), **options)
+
+    one = merged(1.0)
+    for lam in mt.LAMBDAS:
+        assert torch.allclose(merged(lam), base + lam * (one - base), atol=1e-6)
