@@ -193,6 +193,25 @@ class Bench:
             self.flush()
         return self.saved[name]["ppl"]
 
+    def reference_perplexity(self, name: str, spec: Path | None) -> float:
+        """Perplexity of the base (``spec`` None) or of a reference model, on the same windows."""
+        import torch
+
+        from wandamerge.evaluation.perplexity import perplexity
+        from wandamerge.jobs.evaluate import load_for_eval
+
+        key = f"reference-{name}-{self.fingerprint if spec is None else Path(spec).name}"
+        if "ppl" not in self.saved.get(key, {}):
+            windows = torch.load(REPO.parent / "shared/data/smollm2-wiki/eval_64x512.pt")[:PPL_WINDOWS]
+            if spec is None:
+                self.model.load_state_dict(self.base_state)  # set_lambda rewrites every weight before a merge is used
+                model = self.model
+            else:
+                model = load_for_eval(str(spec), base=str(self.base))[0]
+            self.saved.setdefault(key, {})["ppl"] = perplexity(model, windows, progress=False)
+            self.flush()
+        return self.saved[key]["ppl"]
+
     def flush(self) -> None:
         tmp = RECORDS_FILE.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.saved))
@@ -219,19 +238,20 @@ def test_row(bench: Bench, method: Method, density, lam, own_test: dict, label: 
             "ppl": bench.perplexity(method, density, 0, lam), "items": per_seed}
 
 
-def reference_rows(refs: dict, own_test: dict) -> list[dict]:
+def reference_rows(bench: Bench, refs: dict, own_test: dict, multitask: Path | None) -> list[dict]:
     rows = []
-    for name in ["base", "multitask"]:
+    for name, spec in [("base", None), ("multitask", multitask)]:
         if name in refs:
             per_seed = [{t: refs[name][t]["test"] for t in TASKS}]
             rows.append({"name": name, "method": name, **summary(per_seed, own_test),
-                         "absolute_ci": interval(per_seed), "normalized_ci": interval(per_seed, own_test)})
+                         "absolute_ci": interval(per_seed), "normalized_ci": interval(per_seed, own_test),
+                         "ppl": bench.reference_perplexity(name, spec)})
     rows.append({"name": "each task's own fine-tune", "method": "finetunes",
                  "per_task": dict(own_test), "absolute": sum(own_test.values()) / len(own_test), "normalized": 1.0})
     return rows
 
 
-def run(bench: Bench, methods: list[Method], refs: dict) -> dict:
+def run(bench: Bench, methods: list[Method], refs: dict, multitask: Path | None = None) -> dict:
     """Method by method (so a stopped run leaves whole rows): its validation grid, the choice from those
     numbers alone, then the chosen setting and mergekit's lambda = 1 on test."""
     from testbed_stats import accuracy
@@ -239,7 +259,7 @@ def run(bench: Bench, methods: list[Method], refs: dict) -> dict:
     own_val = {t: accuracy(refs[t][t]["validation"]) for t in TASKS}
     own_test = {t: accuracy(refs[t][t]["test"]) for t in TASKS}
     grids, chosen = {}, {}
-    rows = reference_rows(refs, own_test)
+    rows = reference_rows(bench, refs, own_test, multitask)
     for method in methods:
         print(f"== {method.name}: validation grid", flush=True)
         grids[method.name] = validation_grid(bench, method, own_val)
@@ -292,27 +312,24 @@ def markdown(meta: dict, result: dict) -> str:
              "vs best data-free [95%] | ppl |", "|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|"]
     for r in result["rows"]:
         versus = r.get("vs_best_data_free")
+        versus_text = (f"{versus['difference']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}] {versus['verdict']}"
+                       if versus else "")
+        ppl_text = f"{r['ppl']:.1f}" if r.get("ppl") else ""
         lines.append(
             f"| {r['name']} | {r.get('density') or ''} | {r.get('lambda') or ''} | "
             + " | ".join(f"{r['per_task'][t]:.3f}" for t in TASKS)
             + f" | {fmt_ci(r['absolute'], r.get('absolute_ci'))} | {fmt_ci(r['normalized'], r.get('normalized_ci'))} | "
-            + (f"{versus['difference']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}] {versus['verdict']}"
-               if versus else "") + f" | {r['ppl']:.1f} |" if "ppl" in r else " |")
-    lines += ["", "## Validation grid (mean normalized validation accuracy; the chosen setting in bold)", "",
-              "| method | " + " | ".join(f"d={d} l={l}" for d in DENSITIES for l in LAMBDAS) + " |",
-              "|---|" + "---|" * (len(DENSITIES) * len(LAMBDAS))]
+            + f"{versus_text} | {ppl_text} |")
+    lines += ["", "## Validation grid: mean normalized validation accuracy (the chosen setting in bold)", "",
+              "| method | density | " + " | ".join(f"lambda {lam}" for lam in LAMBDAS) + " |",
+              "|---|---|" + "---|" * len(LAMBDAS)]
     for name, grid in result["grids"].items():
         cells = {(g["setting"]["density"], g["setting"]["lambda"]): g["normalized"] for g in grid}
-        chosen = result["chosen"][name]
-        row = []
-        for d in DENSITIES:
-            for lam in LAMBDAS:
-                key = (d if (d, lam) in cells else None, lam)
-                value = cells.get(key)
-                text = "" if value is None or (key[0] is None and d != DENSITIES[0]) else f"{value:.3f}"
-                bold = text and key == (chosen["density"], chosen["lambda"]) and (key[0] is not None or d == DENSITIES[0])
-                row.append(f"**{text}**" if bold else text)
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+        chosen = (result["chosen"][name]["density"], result["chosen"][name]["lambda"])
+        for density in sorted({d for d, _ in cells}, key=lambda d: -1 if d is None else d):
+            text = [f"**{cells[(density, lam)]:.3f}**" if (density, lam) == chosen else f"{cells[(density, lam)]:.3f}"
+                    for lam in LAMBDAS]
+            lines.append(f"| {name} | {'' if density is None else density} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +395,7 @@ def main() -> None:
     bench = Bench(base, {t: paths[t] for t in TASKS}, root, work)
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     started = time.perf_counter()
-    result = run(bench, methods, refs)
+    result = run(bench, methods, refs, paths["multitask"])
     result["seconds"] = round(time.perf_counter() - started)
     result["compute_seconds"] = round(sum(v for entry in bench.saved.values() for k, v in entry.items()
                                           if k.startswith("seconds/")))

@@ -60,7 +60,9 @@ FINETUNES = {  # task -> how it is fine-tuned (steps at batch 8); budgets sized 
     "word_sentiment": {**LORA, "steps": 80},
 }
 TASKS = list(FINETUNES)
-MULTITASK = {**FULL, "steps": 160, "tasks": TASKS}  # one example of each task per batch of 8
+# one example of each task per batch of 8, run as micro-batches of similar lengths (the same gradient as one
+# padded batch, without padding seven short prompts to a newsgroup post's length)
+MULTITASK = {**FULL, "steps": 160, "tasks": TASKS, "micro_batches": True}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_GAIN = 0.10  # a fine-tune must beat the base on its own task's test split by this much accuracy
 SEED = 0
@@ -113,6 +115,36 @@ def collate(rows: list[tuple[list[int], list[int]]], pad: int):
     return ids, mask, labels
 
 
+def by_length(rows: list[tuple[list[int], list[int]]]) -> list[list[tuple[list[int], list[int]]]]:
+    """Rows sorted by length, cut where a row is over twice as long as the first of its micro-batch."""
+    groups: list[list] = []
+    for row in sorted(rows, key=lambda r: len(r[0]) + len(r[1])):
+        if not groups or len(row[0]) + len(row[1]) > 2 * (len(groups[-1][0][0]) + len(groups[-1][0][1])):
+            groups.append([])
+        groups[-1].append(row)
+    return groups
+
+
+def batch_loss_backward(model, rows: list[tuple[list[int], list[int]]], pad: int, micro: bool) -> float:
+    """Backpropagate the mean cross-entropy over all answer tokens of ``rows`` (as one padded batch, or
+    summed over micro-batches and divided by the total count, which gives the same gradient)."""
+    if not micro:
+        ids, mask, labels = collate(rows, pad)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.item()
+    total = sum(len(a) for _, a in rows)
+    value = 0.0
+    for group in by_length(rows):
+        ids, mask, labels = collate(group, pad)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / total
+        loss.backward()
+        value += loss.item()
+    return value
+
+
 def example_stream(pools: list[list[dict]], seed: int):
     """Endless examples: each pool in a seeded shuffled order, epoch after epoch; pools taken in turn."""
     rng = random.Random(seed)
@@ -157,16 +189,15 @@ def finetune(name: str, base: Path, out: Path, settings: dict) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        ids, mask, labels = collate([encode(tokenizer, next(stream)) for _ in range(settings["batch"])], pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        rows = [encode(tokenizer, next(stream)) for _ in range(settings["batch"])]
+        loss = batch_loss_backward(model, rows, pad, settings.get("micro_batches", False))
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
+        losses.append(round(loss, 4))
         if step % 10 == 0 or step == steps - 1:
-            print(f"   {name} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            print(f"   {name} step {step + 1}/{steps} loss {loss:.4f}", flush=True)
     seconds = time.perf_counter() - t0
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

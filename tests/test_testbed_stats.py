@@ -80,6 +80,9 @@ class FakeBench:
     def perplexity(self, *args):
         return 20.0
 
+    def reference_perplexity(self, *args):
+        return 18.0
+
 
 def test_the_protocol_chooses_on_validation_although_test_would_choose_otherwise():
     import merge_testbed as mt
