@@ -1,7 +1,7 @@
 """Merging the testbed's eight fine-tunes: every method tuned on validation, reported on test with intervals.
 
-    python benchmarks/testbed.py                  # first: build (or reuse) the fine-tunes and references
-    python benchmarks/merge_testbed.py            # the whole protocol; resumes from its cache by itself
+    python benchmarks/merge_testbed.py            # everything: fine-tunes, tasks table, the whole protocol;
+                                                  # it resumes from its caches by itself (--resume is implied)
     python benchmarks/merge_testbed.py --only ties --only ties/wanda
     python benchmarks/merge_testbed.py --report   # tables and plot from what is measured, running nothing
 
@@ -58,6 +58,10 @@ SEEDS = (0, 1, 2)  # random methods, on test; validation uses the first
 CALIBRATION = {"data": "wiki", "nsamples": 32, "seqlen": 512}  # Wanda norms: the base on wiki windows
 PPL_WINDOWS = 16  # of ../shared/data/smollm2-wiki/eval_64x512.pt (held-out Wikipedia)
 RECORDS_FILE = HERE / "results" / "merge_testbed_records.json"
+
+
+class NotMeasured(LookupError):
+    """``--report``: a number that no run has measured yet."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Bench:
         self.delta: dict | None = None
         self.loaded_key = None
         self.saved = json.loads(RECORDS_FILE.read_text()) if RECORDS_FILE.is_file() else {}
+        self.report_only = False  # --report: use what is measured, measure nothing
         self.fingerprint = digest({"base": base.name, "finetunes": {t: Path(p).name for t, p in finetunes.items()},
                                    "calibration": CALIBRATION})
         torch.set_grad_enabled(False)
@@ -163,6 +168,8 @@ class Bench:
         saved = self.saved.get(name, {})
         if all(f"{t}/{split}" in saved for t in TASKS):
             return {t: saved[f"{t}/{split}"] for t in TASKS}
+        if self.report_only:
+            raise NotMeasured(name)
 
         def load():
             self.load_merge(method, density, seed)
@@ -186,6 +193,8 @@ class Bench:
 
         name = f"{self.merge_key(method, density, seed)}-l{lam}"
         if "ppl" not in self.saved.get(name, {}):
+            if self.report_only:
+                raise NotMeasured(name)
             self.load_merge(method, density, seed)
             self.set_lambda(lam)
             windows = torch.load(REPO.parent / "shared/data/smollm2-wiki/eval_64x512.pt")[:PPL_WINDOWS]
@@ -260,18 +269,30 @@ def run(bench: Bench, methods: list[Method], refs: dict, multitask: Path | None 
     own_test = {t: accuracy(refs[t][t]["test"]) for t in TASKS}
     grids, chosen = {}, {}
     rows = reference_rows(bench, refs, own_test, multitask)
+    missing = []
     for method in methods:
-        print(f"== {method.name}: validation grid", flush=True)
-        grids[method.name] = validation_grid(bench, method, own_val)
-        setting = chosen[method.name] = dict(choose_setting(grids[method.name]))  # validation results only
-        print(f"== {method.name}: test at {setting}", flush=True)
-        rows.append(test_row(bench, method, setting["density"], setting["lambda"], own_test, f"{method.name} (tuned)"))
-        if setting["lambda"] != 1.0:
-            rows.append(test_row(bench, method, setting["density"], 1.0, own_test,
-                                 f"{method.name}, lambda 1 (untuned)"))
+        try:
+            method_rows(bench, method, own_val, own_test, grids, chosen, rows)
+        except NotMeasured as gap:  # --report: the method's grid or test rows are not all measured yet
+            missing.append(method.name)
+            grids.pop(method.name, None)
+            chosen.pop(method.name, None)
+            print(f"   {method.name}: not all measured yet ({gap})", flush=True)
     compare_to_best_data_free(rows, grids, chosen, own_test)
     return {"grids": {m: [{"setting": dict(r.setting), "normalized": r.normalized} for r in g]
-                      for m, g in grids.items()}, "chosen": chosen, "rows": rows}
+                      for m, g in grids.items()}, "chosen": chosen, "rows": rows, "missing": missing}
+
+
+def method_rows(bench: Bench, method: Method, own_val: dict, own_test: dict, grids: dict, chosen: dict,
+                rows: list) -> None:
+    print(f"== {method.name}: validation grid", flush=True)
+    grids[method.name] = validation_grid(bench, method, own_val)
+    setting = chosen[method.name] = dict(choose_setting(grids[method.name]))  # validation results only
+    print(f"== {method.name}: test at {setting}", flush=True)
+    new = [test_row(bench, method, setting["density"], setting["lambda"], own_test, f"{method.name} (tuned)")]
+    if setting["lambda"] != 1.0:
+        new.append(test_row(bench, method, setting["density"], 1.0, own_test, f"{method.name}, lambda 1 (untuned)"))
+    rows += new  # only whole: a method is in the table with all its rows or not at all
 
 
 def compare_to_best_data_free(rows: list[dict], grids: dict, chosen: dict, own_test: dict) -> None:
@@ -306,6 +327,8 @@ def markdown(meta: dict, result: dict) -> str:
              "method on validation; perplexity on the first "
              f"{PPL_WINDOWS} x 512 held-out Wikipedia windows of `../shared/data/smollm2-wiki/eval_64x512.pt`",
              f"- Wanda norms: the base on {CALIBRATION['nsamples']} x {CALIBRATION['seqlen']} wiki tokens",
+             *([f"- **not yet measured** (the run was stopped before their rows were whole; rerun the command to "
+                f"resume): {', '.join(result['missing'])}"] if result.get("missing") else []),
              f"- cost on this 2-core CPU: {result.get('compute_seconds', 0) / 3600:.1f} h of merging and evaluation "
              "in all (summed over resumed runs; the fine-tunes' own times are in `testbed.md`)", "",
              "| row | density | lambda | " + " | ".join(TASKS) + " | mean abs [95%] | mean normalized [95%] | "
@@ -379,20 +402,23 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="these methods only (names as in METHODS)")
     parser.add_argument("--resume", action="store_true", help="accepted for habit: every run resumes from its cache")
     parser.add_argument("--work", type=Path, default=None, help="where merges are written, then deleted")
+    parser.add_argument("--report", action="store_true", help="write the tables from what is measured; run nothing")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
-    from testbed import reference_records
+    from testbed import reference_records, write_tasks_table
     from wandamerge.models import prepare_smollm2
 
     base = prepare_smollm2()
     root = default_root()
     paths = build_finetunes(base, root, [*TASKS, "multitask"])
     refs = reference_records(base, paths, Records(root))
+    write_tasks_table(base, paths, refs, [str(HERE / "testbed.py")])  # the same table testbed.py writes
     work = args.work or root / "merges"
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(base, {t: paths[t] for t in TASKS}, root, work)
+    bench.report_only = args.report
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     started = time.perf_counter()
     result = run(bench, methods, refs, paths["multitask"])

@@ -353,7 +353,6 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="these fine-tunes only (a task, or multitask)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
-    from wandamerge.io.record import portable, provenance
     from wandamerge.models import prepare_smollm2
 
     base = prepare_smollm2()
@@ -363,14 +362,21 @@ def main() -> None:
     if args.only:
         return
     refs = reference_records(base, paths, Records(root))
+    print(write_tasks_table(base, paths, refs, [__file__, *sys.argv[1:]]))
+
+
+def write_tasks_table(base: Path, paths: dict[str, Path], refs: dict, argv: list[str]) -> str:
+    """``benchmarks/results/testbed.{json,md}``; returns the Markdown."""
+    from wandamerge.io.record import portable, provenance
+
     finetunes = {n: json.loads((p / "testbed.json").read_text()) for n, p in paths.items()}
-    summary = {"meta": {**provenance([__file__, *sys.argv[1:]]), "base": str(base)},
+    summary = {"meta": {**provenance(argv), "base": str(base)},
                "tasks": task_rows(refs, finetunes), "multitask_seconds": finetunes["multitask"]["train_seconds"],
                "finetunes": {n: str(p) for n, p in paths.items()}}
     summary = portable(summary)
     (HERE / "results" / "testbed.json").write_text(json.dumps(summary, indent=2))
     (HERE / "results" / "testbed.md").write_text(markdown(summary))
-    print(markdown(summary))
+    return markdown(summary)
 
 
 if __name__ == "__main__":
