@@ -134,3 +134,22 @@ def test_each_lambda_of_the_grid_is_the_lambda_one_merge_scaled(name):
     one = merged(1.0)
     for lam in mt.LAMBDAS:
         assert torch.allclose(merged(lam), base + lam * (one - base), atol=1e-6)
+
+
+def test_micro_batches_give_the_gradient_of_one_padded_batch():
+    """The multi-task fine-tune runs its batch as micro-batches of similar length: same loss, same gradient."""
+    import testbed
+    import torch
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    rows = [(list(range(5, 17)), [20, 21]), ([5, 6], [22]), ([7, 8, 9], [23]), ([9] * 30, [24, 25, 26])]
+    assert [len(g) for g in testbed.by_length(rows)] == [2, 1, 1]  # lengths 3 and 4 | 14 | 33: cut past twice the first
+    results = []
+    for micro in (False, True):
+        model.zero_grad()
+        loss = testbed.batch_loss_backward(model, rows, 0, micro)
+        results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], atol=1e-5)
