@@ -343,6 +343,7 @@ def markdown(meta: dict, result: dict) -> str:
             + " | ".join(f"{r['per_task'][t]:.3f}" for t in TASKS)
             + f" | {fmt_ci(r['absolute'], r.get('absolute_ci'))} | {fmt_ci(r['normalized'], r.get('normalized_ci'))} | "
             + f"{versus_text} | {ppl_text} |")
+    lines += plain_words(result)
     lines += ["", "## Validation grid: mean normalized validation accuracy (the chosen setting in bold)", "",
               "| method | density | " + " | ".join(f"lambda {lam}" for lam in LAMBDAS) + " |",
               "|---|---|" + "---|" * len(LAMBDAS)]
@@ -354,6 +355,26 @@ def markdown(meta: dict, result: dict) -> str:
                     for lam in LAMBDAS]
             lines.append(f"| {name} | {'' if density is None else density} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plain_words(result: dict) -> list[str]:
+    """Each paired comparison as a sentence: real (the 95% interval excludes 0) or within noise."""
+    compared = [r for r in result["rows"] if r.get("vs_best_data_free")]
+    if not compared:
+        return []
+    reference = compared[0]["vs_best_data_free"]["reference"]
+    lines = ["", f"## In plain words (paired bootstrap against {reference}, tuned: the best data-free method on "
+             "validation)", ""]
+    for r in compared:
+        v = r["vs_best_data_free"]
+        if v["verdict"] == "within noise":
+            text = (f"within noise: {v['difference']:+.3f} normalized, and the 95% interval "
+                    f"[{v['low']:+.3f}, {v['high']:+.3f}] contains 0")
+        else:
+            text = (f"really {v['verdict']}: {v['difference']:+.3f} normalized, 95% interval "
+                    f"[{v['low']:+.3f}, {v['high']:+.3f}]")
+        lines.append(f"- {r['name']}: {text}.")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
