@@ -395,8 +395,9 @@ def plot(result: dict, path: Path) -> None:
     left.axvline(1.0, color="black", lw=0.8, ls="--")
     left.set_xlabel("mean normalized test accuracy (merged / own fine-tune), 95% bootstrap interval")
     left.invert_yaxis()
-    width = 0.8 / len(rows)
-    for k, r in enumerate(rows):
+    bars = [r for r in result["rows"] if "per_task" in r]  # with each task's own fine-tune
+    width = 0.8 / len(bars)
+    for k, r in enumerate(bars):
         right.bar([i + k * width for i in range(len(TASKS))], [r["per_task"][t] for t in TASKS], width,
                   label=r["name"], color=plt.cm.tab20(k % 20))
     right.set_xticks([i + 0.4 for i in range(len(TASKS))], TASKS, rotation=30, fontsize=8)
