@@ -77,3 +77,35 @@ def test_a_model_that_ignores_the_packed_mask_falls_back_to_one_sequence_per_cho
                                       tokenizer.pad_token_id, torch.device("cpu"))
     for example, got in zip(rows, choices.choice_scores(wrapped, tokenizer, rows)):
         assert got == pytest.approx(brute_force_scores(model, tokenizer, example), abs=1e-4)
+
+
+class Recorded(torch.nn.Module):
+    """Counts how a model is called; ``slicing``: pass ``logits_to_keep`` on, drop it, or refuse it."""
+
+    def __init__(self, model, slicing: str):
+        super().__init__()
+        self.inner, self.slicing, self.sliced_calls = model, slicing, 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **kwargs):
+        if "logits_to_keep" in kwargs:
+            if self.slicing == "refuse":
+                raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+            if self.slicing == "ignore":
+                kwargs.pop("logits_to_keep")
+            else:
+                self.sliced_calls += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, **kwargs)
+
+
+@pytest.mark.parametrize("slicing", ["pass", "ignore", "refuse"])
+def test_only_the_read_positions_are_projected_and_other_models_get_every_logit(slicing):
+    """transformers >= 5 projects only the positions read; a model that ignores or refuses
+    ``logits_to_keep`` gets the full logits: the same scores either way."""
+    model, tokenizer = tiny_model("llama", seed=6).eval(), word_tokenizer()
+    rows = examples(7, seed=8) + [{"prompt": random_text(6, seed=50 + i), "choices": [" w3", " w4"], "label": 0}
+                                  for i in range(5)]  # single-token choices: the plain-mask path
+    recorded = Recorded(model, slicing)
+    for example, got in zip(rows, choices.choice_scores(recorded, tokenizer, rows, batch_size=3)):
+        assert got == pytest.approx(brute_force_scores(model, tokenizer, example), abs=1e-4)
+    assert (recorded.sliced_calls > 0) == (slicing == "pass" and choices._SLICES_BY_MASK)
