@@ -55,7 +55,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from testbed import TASKS, Records, build_finetunes, default_root, digest  # noqa: E402
+from testbed import REFERENCE_RECORDS, TASKS, Records, build_finetunes, default_root, digest  # noqa: E402
 from testbed_stats import (ValidationResult, choose_setting, interval, lambda_search, paired,  # noqa: E402
                            summary)
 
@@ -485,7 +485,7 @@ def main() -> None:
     base = prepare_smollm2()
     root = default_root()
     paths = build_finetunes(base, root, [*TASKS, "multitask"])
-    refs = reference_records(base, paths, Records(root))
+    refs = reference_records(base, paths, Records(root, REFERENCE_RECORDS))
     write_tasks_table(base, paths, refs, [str(HERE / "testbed.py")])  # the same table testbed.py writes
     work = args.work or root / "merges"
     work.mkdir(parents=True, exist_ok=True)

@@ -239,21 +239,43 @@ def build_finetunes(base: Path, root: Path, names: list[str]) -> dict[str, Path]
 # ----------------------------------------------------------------------------- per-item records
 
 
-class Records:
-    """Per-example correctness of a model on a task's split, cached by (model key, split content)."""
+REFERENCE_RECORDS = HERE / "results" / "testbed_records.json"  # the reference models' records, kept in git
 
-    def __init__(self, root: Path):
+
+class Records:
+    """Per-example correctness of a model on a task's split, cached by (model key, split content).
+
+    With ``kept`` (a JSON file), every record is also written there and read from there when the
+    cache has lost it: the reference models' records travel with the repository, so a new machine
+    re-measures none of them (the fine-tunes themselves are rebuilt, by content key)."""
+
+    def __init__(self, root: Path, kept: Path | None = None):
         self.root = root / "records"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.kept = kept
+        self.kept_records = json.loads(kept.read_text()) if kept is not None and kept.is_file() else {}
 
     def path(self, model_key: str, task: str, split: str) -> Path:
         from wandamerge.evaluation.tasks import read_examples
 
         return self.root / model_key / f"{task}-{split}-{digest(read_examples(task, split))}.json"
 
+    def kept_key(self, model_key: str, task: str, split: str) -> str:
+        return str(self.path(model_key, task, split).relative_to(self.root))
+
     def get(self, model_key: str, task: str, split: str) -> list[int] | None:
         path = self.path(model_key, task, split)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if path.is_file():
+            return json.loads(path.read_text())
+        return self.kept_records.get(self.kept_key(model_key, task, split))
+
+    def keep(self, model_key: str, task: str, split: str, correct: list[int]) -> None:
+        if self.kept is None:
+            return
+        self.kept_records[self.kept_key(model_key, task, split)] = correct
+        tmp = self.kept.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.kept_records, sort_keys=True))
+        tmp.replace(self.kept)
 
     def measure(self, model_key: str, task: str, split: str, load) -> list[int]:
         """Cached correctness; ``load()`` gives (model, tokenizer) only when something must be run."""
@@ -262,12 +284,15 @@ class Records:
 
         cached = self.get(model_key, task, split)
         if cached is not None:
+            if self.kept is not None and self.kept_key(model_key, task, split) not in self.kept_records:
+                self.keep(model_key, task, split, cached)  # measured before this file kept records
             return cached
         model, tokenizer = load()
         correct = [int(c) for c in choice_correct(model, tokenizer, read_examples(task, split), batch_size=32)]
         path = self.path(model_key, task, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(correct))
+        self.keep(model_key, task, split, correct)
         return correct
 
 
@@ -369,7 +394,7 @@ def main() -> None:
     paths = build_finetunes(base, root, names)
     if args.only:
         return
-    refs = reference_records(base, paths, Records(root))
+    refs = reference_records(base, paths, Records(root, REFERENCE_RECORDS))
     print(write_tasks_table(base, paths, refs, [__file__, *sys.argv[1:]]))
 
 

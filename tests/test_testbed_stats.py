@@ -188,3 +188,31 @@ def test_the_lambda_search_stays_at_the_start_on_a_tie_and_sees_only_what_it_is_
     # a second, higher peak beyond a dip is not reached: the climb is local, and says so
     bumpy = {0.1: 0.95, 0.2: 0.6, 0.3: 0.6, 0.5: 0.7, 0.7: 0.8, 1.0: 0.7, 1.5: 0.6}
     assert max(stats.lambda_search(lambdas, bumpy.get), key=lambda f: f[1]) == (0.7, 0.8)
+
+
+def test_kept_records_spare_a_new_machine_the_reference_evaluations(tmp_path, monkeypatch):
+    """What one machine measured for a reference model is read back on another (an empty cache)."""
+    import testbed
+
+    from wandamerge.evaluation import choices
+
+    calls = []
+
+    def fake_correct(model, tokenizer, examples, **kwargs):
+        calls.append(len(examples))
+        return [i % 3 == 0 for i in range(len(examples))]
+
+    monkeypatch.setattr(choices, "choice_correct", fake_correct)
+    kept = tmp_path / "kept.json"
+    first = testbed.Records(tmp_path / "machine1", kept)
+    measured = first.measure("model-abc", "newsgroups", "validation", lambda: (None, None))
+    assert calls == [len(measured)] and measured[:4] == [1, 0, 0, 1]
+    again = testbed.Records(tmp_path / "machine2", kept)  # nothing in its cache
+    assert again.measure("model-abc", "newsgroups", "validation", lambda: pytest.fail("re-measured")) == measured
+    assert again.get("model-xyz", "newsgroups", "validation") is None  # another model: not a hit
+    assert testbed.Records(tmp_path / "machine3").get("model-abc", "newsgroups", "validation") is None
+    # a record the cache had before the file kept records goes into the file when next asked for
+    old = testbed.Records(tmp_path / "machine4")
+    old.measure("model-old", "newsgroups", "test", lambda: (None, None))
+    testbed.Records(tmp_path / "machine4", kept).measure("model-old", "newsgroups", "test", lambda: pytest.fail())
+    assert testbed.Records(tmp_path / "machine5", kept).get("model-old", "newsgroups", "test") is not None
