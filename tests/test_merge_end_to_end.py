@@ -104,6 +104,43 @@ def test_wanda_ties_keeps_the_deltas_a_brute_force_activation_score_keeps(family
     assert record["per_tensor"]["model.embed_tokens.weight"]["sparsifier"] == "magnitude"
 
 
+@pytest.mark.parametrize("activations", ["base", "finetuned"])
+def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activations):
+    """Task activations: ft1 calibrates on its own windows, ft2 on the top-level ones; every tensor equals
+    merge_tensor with the brute-force norms of (that model or the base) on (that model's) windows."""
+    from wandamerge.merging.methods import merge_tensor
+
+    gen = torch.Generator().manual_seed(3)
+    own, shared = torch.randint(3, VOCAB, (3, 12), generator=gen), torch.randint(3, VOCAB, (4, 16), generator=gen)
+    torch.save(own, tmp_path / "own.pt")
+    torch.save(shared, tmp_path / "shared.pt")
+    out = tmp_path / "task-activations"
+    record = run_recipe({
+        "merge_method": "ties", "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.3},
+                    "calibration": {"data": str(tmp_path / "own.pt"), "nsamples": 3, "seqlen": 12}},
+                   {"model": str(family["ft2"]), "parameters": {"weight": 0.8, "density": 0.3}}],
+        "sparsify": {"score": "wanda", "activations": activations},
+        "calibration": {"data": str(tmp_path / "shared.pt"), "nsamples": 4, "seqlen": 16}}, out)
+    through = (lambda m: family[m]) if activations == "finetuned" else (lambda m: family["base"])
+    norms = [base_inputs_sq_norms(through("ft1"), own), base_inputs_sq_norms(through("ft2"), shared)]
+    base, fts, got = tensors(family["base"]), [tensors(family["ft1"]), tensors(family["ft2"])], tensors(out)
+    assert norms[0].keys() == norms[1].keys() and norms[0]
+    for name in norms[0]:
+        want = merge_tensor("ties", base[name], [ft[name] for ft in fts], [1.0, 0.8], 0.3, score="wanda",
+                            input_sq_norms=[n[name].float() for n in norms])
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+    assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]
+    assert record["calibration"]["windows"] == [4, 16]
+
+
+def test_own_calibration_without_an_activation_score_is_refused(family, tmp_path):
+    with pytest.raises(RecipeError, match="own calibration"):
+        parse_recipe({"merge_method": "ties", "base_model": str(family["base"]),
+                      "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.5},
+                                  "calibration": {"data": "wiki"}}]})
+
+
 def test_lora_delta_equals_merge_and_unload_minus_base(family, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -101,11 +101,13 @@ def family(tmp_path):
 def test_low_memory_wanda_merge_equals_in_memory(family, tmp_path):
     windows = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     torch.save(windows, tmp_path / "calib.pt")
+    torch.save(windows[:2, :8] + 1, tmp_path / "own.pt")  # ft2's own calibration (task activations)
     for activations in ("base", "finetuned"):
         recipe = parse_recipe({
             "merge_method": "ties", "base_model": str(family["base"]),
-            "models": [{"model": str(family[f"ft{i}"]), "parameters": {"weight": 0.5, "density": 0.3}}
-                       for i in (1, 2)],
+            "models": [{"model": str(family[f"ft{i}"]), "parameters": {"weight": 0.5, "density": 0.3},
+                        **({"calibration": {"data": str(tmp_path / "own.pt"), "nsamples": 2, "seqlen": 8}}
+                           if i == 2 else {})} for i in (1, 2)],
             "sparsify": {"score": "wanda", "activations": activations},
             "calibration": {"data": str(tmp_path / "calib.pt"), "nsamples": 4, "seqlen": 16}})
         plain = merge(recipe, tmp_path / f"plain-{activations}", progress=False, low_memory=False)

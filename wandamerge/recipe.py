@@ -5,7 +5,9 @@ A merge recipe is a mergekit recipe (``merge_method``, ``base_model``,
 ``parameters: {lambda, normalize, rescale, int8_mask}``, ``dtype``,
 ``out_dtype``, ``tokenizer_source``) plus two optional sections of ours:
 ``sparsify: {score, group, pattern, activations}`` and ``calibration: {data,
-nsamples, seqlen, seed, batch_size}``. Parameter values follow mergekit's
+nsamples, seqlen, seed, batch_size}``, also per model (``models: [{model,
+calibration: {data: task.jsonl}}]``: that model's activations come from its own
+data, its other keys from the top-level calibration). Parameter values follow mergekit's
 forms: a scalar, a gradient (a list of numbers interpolated over the layers
 at each tensor's layer position ``t``), or a list of ``{filter, value}``
 conditions matched against the tensor name. ``int8_mask`` is mergekit's
@@ -136,9 +138,22 @@ class _WithParameters(BaseModel):
         return _check_parameters(value, cls._where)
 
 
+class ModelCalibration(BaseModel):
+    """A model's own calibration (its task's prompts, for task activations): the keys it leaves out
+    come from the top-level ``calibration`` (or its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str
+    nsamples: int | None = Field(None, gt=0)
+    seqlen: int | None = Field(None, gt=0)
+    seed: int | None = None
+    batch_size: int | None = Field(None, gt=0)
+
+
 class ModelEntry(_WithParameters):
     _where: ClassVar[str] = "a model's parameters"
     model: str
+    calibration: ModelCalibration | None = None
 
     _home = field_validator("model", mode="before")(expand_home)
 
@@ -165,6 +180,13 @@ class Calibration(BaseModel):
     seqlen: int = Field(512, gt=0)
     seed: int = 0
     batch_size: int | None = Field(None, gt=0)
+
+
+def model_calibration(recipe: "MergeRecipe", index: int) -> Calibration:
+    """The calibration of ``recipe.models[index]``: its own keys over the top-level ones."""
+    shared = (recipe.calibration or Calibration()).model_dump()
+    own = recipe.models[index].calibration
+    return Calibration(**{**shared, **(own.model_dump(exclude_none=True) if own else {})})
 
 
 class MergeRecipe(_WithParameters):
@@ -195,6 +217,12 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"merge_method {self.merge_method!r} needs a base_model (it merges task vectors)")
         if self.sparsify and self.sparsify.score and self.sparsify.score not in SPARSIFIERS:
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
+        own = [m.model for m in self.models if m.calibration is not None]
+        score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
+        if own and not (score and SPARSIFIERS[score].needs_input_norms):
+            raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
+                             f"use, and merge_method {self.merge_method!r} with score {score!r} reads none; "
+                             "set sparsify.score: wanda, or remove it")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
         return self

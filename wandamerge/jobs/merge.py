@@ -46,7 +46,7 @@ from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
 from ..models import BLOCK_PATHS, block_prefix, load_model, load_tokenizer, local_model_dir
-from ..recipe import Calibration, MergeRecipe, resolve
+from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
 from ..runner import NORMS, blockwise_pass
 from .merge_inputs import check_compatible, open_inputs
 
@@ -199,36 +199,67 @@ def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
 
 def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
                  low_memory: bool | None) -> tuple[list[dict[str, InputNorms]], dict]:
-    """Input norms of every linear map, per input model (the base's for all, or each fine-tune's own)."""
-    calib = recipe.calibration or Calibration()
+    """Input norms of every linear map, per input model: through the base (default) or each fine-tune,
+    on the top-level calibration or the model's own (one pass per distinct model and data)."""
     streamed = None
     if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
         streamed = StreamedModel(opened.base_dir, dtype="float32")
         model, tokenizer = streamed.model, load_tokenizer(opened.base_dir)
     else:
         model, tokenizer = load_model(str(opened.base_dir), dtype="float32")
-    windows = calibration_windows(calib.data, tokenizer, calib.nsamples, calib.seqlen, seed=calib.seed,
-                                  vocab_size=model.config.vocab_size)
-    calib_record = {**calib.model_dump(), "windows": list(windows.shape), "low_memory": streamed is not None}
+    calibs = [model_calibration(recipe, i) for i in range(len(recipe.models))]
+    drawn: dict[str, torch.Tensor] = {}
 
-    def collect(loader=None):
-        return collect_input_norms(model, windows, device=device, batch_size=calib.batch_size, progress=progress,
-                                   loader=loader)
+    def windows_of(calib: Calibration) -> torch.Tensor:
+        key = calib.model_dump_json()
+        if key not in drawn:
+            drawn[key] = calibration_windows(calib.data, tokenizer, calib.nsamples, calib.seqlen, seed=calib.seed,
+                                             vocab_size=model.config.vocab_size)
+        return drawn[key]
+
+    def collect(calib: Calibration, loader=None):
+        return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
+                                   progress=progress, loader=loader)
 
     if recipe.sparsify is None or recipe.sparsify.activations == "base":
-        return [collect(streamed.loader(device) if streamed else None)] * len(recipe.models), calib_record
+        through_base: dict[str, dict[str, InputNorms]] = {}
+        for calib in calibs:
+            if calib.model_dump_json() not in through_base:
+                through_base[calib.model_dump_json()] = collect(calib, streamed.loader(device) if streamed else None)
+        norms = [through_base[calib.model_dump_json()] for calib in calibs]
+    else:
+        norms = _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect)
+    return norms, _calibration_record(recipe, calibs, windows_of, streamed is not None)
+
+
+def _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect) -> list:
+    """Each fine-tune's own activations: its tensors in place of the base's (block by block when streamed)."""
     pristine = None if streamed else {k: v.clone() for k, v in model.state_dict().items()}
     norms = []
-    for spec in _specs(recipe):
+    for spec, calib in zip(_specs(recipe), calibs):
         finetune = opened.inputs[spec]
-        if streamed is not None:  # the fine-tune's tensors are read in place of the base's, block by block
-            norms.append(collect(streamed.loader(
+        if streamed is not None:
+            norms.append(collect(calib, streamed.loader(
                 device, tensor_fn=lambda name, t, source=finetune: finetuned_tensor(source, name, t))))
         else:
             _apply_finetune(model, finetune)
-            norms.append(collect())
+            norms.append(collect(calib))
             model.load_state_dict(pristine)
-    return norms, calib_record
+    return norms
+
+
+def _calibration_record(recipe: MergeRecipe, calibs: list[Calibration], windows_of, low_memory: bool) -> dict:
+    """The top-level calibration as used, and each model's own where it has one."""
+    def described(calib: Calibration) -> dict:
+        return {**calib.model_dump(), "windows": list(windows_of(calib).shape)}
+
+    shared = recipe.calibration or Calibration()
+    uses_shared = any(m.calibration is None for m in recipe.models)
+    record = {**(described(shared) if uses_shared else shared.model_dump()), "low_memory": low_memory}
+    own = {m.model: described(c) for m, c in zip(recipe.models, calibs) if m.calibration is not None}
+    if own:
+        record["per_model"] = own
+    return record
 
 
 def _apply_finetune(model, source: Checkpoint | LoraAdapter) -> None:
