@@ -12,16 +12,10 @@ Protocol (one grid for every method, written below as LAMBDAS x DENSITIES):
    at lambda is ``base + lambda * (merged - base)``; each lambda of the grid is
    evaluated from that one merge (the library's own lambda gives the same
    tensors for every method here: ``tests/test_testbed_stats.py``).
-2. Validation: every density of the grid, and for each the lambdas of the grid
-   that ``lambda_search`` climbs to from mergekit's 1.0 (it stops where the
-   validation score stops rising), on each task's validation split (seed 0 for
-   random methods). ``choose_setting`` picks the setting with the best mean
-   normalized validation accuracy; it takes ``ValidationResult`` records, which
-   carry no test number (see ``tests/test_testbed_stats.py``). The first three
-   methods were measured on the whole grid: every curve was unimodal in lambda,
-   and the climb picks the whole grid's setting on each (the report checks this
-   on every method whose whole grid is measured); the climb costs 3-5 of the 7
-   lambdas per density, about half of the run.
+2. Validation: every (density, lambda) of the grid on each task's validation
+   split (seed 0 for random methods). ``choose_setting`` picks the setting with
+   the best mean normalized validation accuracy; it takes ``ValidationResult``
+   records, which carry no test number (see ``tests/test_testbed_stats.py``).
 3. Test: the chosen setting on each task's test split, with seeds 0, 1 and 2 for
    random methods; per-task accuracy, mean absolute and mean normalized accuracy
    (merged / the task's own fine-tune) with 95% bootstrap intervals over test
@@ -56,8 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from testbed import REFERENCE_RECORDS, TASKS, Records, build_finetunes, default_root, digest  # noqa: E402
-from testbed_stats import (ValidationResult, choose_setting, interval, lambda_search, paired,  # noqa: E402
-                           summary)
+from testbed_stats import ValidationResult, choose_setting, interval, paired, summary  # noqa: E402
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # 0.1 and 0.2: task arithmetic of eight was best at the old edge, 0.3
 DENSITIES = (0.1, 0.2, 0.5)
@@ -244,32 +237,14 @@ class Bench:
 
 
 def validation_grid(bench: Bench, method: Method, own_val: dict) -> list[ValidationResult]:
-    """Each density of the grid, and the lambdas ``lambda_search`` climbs to from 1.0, on validation:
-    the only numbers a choice may see (in grid order, so ties go to the first as in the whole grid)."""
+    """Every setting of the grid on validation: the only numbers a choice may see."""
     results = []
     for density in method.densities:
-        def validation_score(lam: float, density=density) -> float:
+        for lam in LAMBDAS:
             per_seed = [bench.measure(method, density, s, lam, "validation") for s in method.seeds("validation")]
-            return summary(per_seed, own_val)["normalized"]
-
-        results += [ValidationResult((("density", density), ("lambda", lam)), score)
-                    for lam, score in lambda_search(LAMBDAS, validation_score)]
+            setting = (("density", density), ("lambda", lam))
+            results.append(ValidationResult(setting, summary(per_seed, own_val)["normalized"]))
     return results
-
-
-def whole_grid_choice(bench: Bench, method: Method, own_val: dict) -> dict | None:
-    """The setting the whole grid picks where every cell of it is measured (the first methods were), to check
-    the lambda search against; None where some cell is not measured. Measures nothing."""
-    was, bench.report_only = bench.report_only, True
-    try:
-        return dict(choose_setting([
-            ValidationResult((("density", d), ("lambda", lam)), summary(
-                [bench.measure(method, d, s, lam, "validation") for s in method.seeds("validation")], own_val)[
-                "normalized"]) for d in method.densities for lam in LAMBDAS]))
-    except NotMeasured:
-        return None
-    finally:
-        bench.report_only = was
 
 
 def test_row(bench: Bench, method: Method, density, lam, own_test: dict, label: str) -> dict:
@@ -354,15 +329,13 @@ def markdown(meta: dict, result: dict) -> str:
     lines = [f"# Merging eight fine-tunes of SmolLM2-135M, tuned on validation ({meta['date']}, commit "
              f"{meta['commit']})", "", f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
              f"- grid for every method: lambda in {list(LAMBDAS)} x density in {list(DENSITIES)} (density only where "
-             "the method trims), every density and, for each, the lambdas a climb from 1.0 reaches (it stops where "
-             "validation stops rising); chosen on mean normalized validation accuracy; random methods: seed 0 on "
+             "the method trims); chosen on mean normalized validation accuracy; random methods: seed 0 on "
              f"validation, seeds {list(SEEDS)} on test",
              "- test: per-task accuracy; mean absolute and mean normalized (merged / own fine-tune) accuracy with "
              "95% bootstrap intervals over test items (and seeds); paired bootstrap against the best data-free "
              "method on validation; perplexity on the first "
              f"{PPL_WINDOWS} x 512 held-out Wikipedia windows of `../shared/data/smollm2-wiki/eval_64x512.pt`",
              f"- Wanda norms: the base on {CALIBRATION['nsamples']} x {CALIBRATION['seqlen']} wiki tokens",
-             *search_check(result),
              *([f"- **not yet measured** (the run was stopped before their rows were whole; rerun the command to "
                 f"resume): {', '.join(result['missing'])}"] if result.get("missing") else []),
              f"- cost on this 2-core CPU: {result.get('compute_seconds', 0) / 3600:.1f} h of merging and evaluation "
@@ -380,30 +353,17 @@ def markdown(meta: dict, result: dict) -> str:
             + f" | {fmt_ci(r['absolute'], r.get('absolute_ci'))} | {fmt_ci(r['normalized'], r.get('normalized_ci'))} | "
             + f"{versus_text} | {ppl_text} |")
     lines += plain_words(result)
-    lines += ["", "## Validation grid: mean normalized validation accuracy (the chosen setting in bold; · not "
-              "evaluated: the lambda search stopped before it)", "",
+    lines += ["", "## Validation grid: mean normalized validation accuracy (the chosen setting in bold)", "",
               "| method | density | " + " | ".join(f"lambda {lam}" for lam in LAMBDAS) + " |",
               "|---|---|" + "---|" * len(LAMBDAS)]
     for name, grid in result["grids"].items():
         cells = {(g["setting"]["density"], g["setting"]["lambda"]): g["normalized"] for g in grid}
         chosen = (result["chosen"][name]["density"], result["chosen"][name]["lambda"])
         for density in sorted({d for d, _ in cells}, key=lambda d: -1 if d is None else d):
-            text = ["·" if (density, lam) not in cells else f"**{cells[(density, lam)]:.3f}**"
-                    if (density, lam) == chosen else f"{cells[(density, lam)]:.3f}" for lam in LAMBDAS]
+            text = [f"**{cells[(density, lam)]:.3f}**" if (density, lam) == chosen else f"{cells[(density, lam)]:.3f}"
+                    for lam in LAMBDAS]
             lines.append(f"| {name} | {'' if density is None else density} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
-
-
-def search_check(result: dict) -> list[str]:
-    """Where a method's whole grid is measured: does the lambda search pick the whole grid's setting?"""
-    checked = {m: w for m, w in result.get("whole_grid_chosen", {}).items() if w is not None}
-    if not checked:
-        return []
-    same = [m for m, w in checked.items() if w == result["chosen"][m]]
-    differ = [f"{m} (search {result['chosen'][m]}, whole grid {w})" for m, w in checked.items() if m not in same]
-    return [f"- lambda search against the whole grid, on the {len(checked)} methods whose whole grid is measured: "
-            f"the same setting for {', '.join(same) or 'none'}" + (f"; different for {'; '.join(differ)}" if differ
-                                                                  else "")]
 
 
 def plain_words(result: dict) -> list[str]:
@@ -479,7 +439,6 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
     from testbed import reference_records, write_tasks_table
-    from testbed_stats import accuracy
     from wandamerge.models import prepare_smollm2
 
     base = prepare_smollm2()
@@ -494,9 +453,6 @@ def main() -> None:
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     started = time.perf_counter()
     result = run(bench, methods, refs, paths["multitask"])
-    own_val = {t: accuracy(refs[t][t]["validation"]) for t in TASKS}
-    result["whole_grid_chosen"] = {m.name: whole_grid_choice(bench, m, own_val) for m in methods
-                                   if m.name in result["chosen"]}
     result["seconds"] = round(time.perf_counter() - started)
     result["compute_seconds"] = round(sum(v for entry in bench.saved.values() for k, v in entry.items()
                                           if k.startswith("seconds/")))

@@ -9,7 +9,7 @@ the task structure of the mean. Pure functions of numbers; no model here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -122,30 +122,3 @@ def choose_setting(results: Sequence[ValidationResult]) -> tuple:
             raise TypeError(f"choose_setting takes validation results only, got {type(result).__name__}")
     best = max(range(len(results)), key=lambda i: (results[i].normalized, -i))
     return results[best].setting
-
-
-def lambda_search(lambdas: Sequence[float], validation_score: Callable[[float], float],
-                  start: float = 1.0) -> list[tuple[float, float]]:
-    """Climb the grid ``lambdas`` (ascending) from ``start`` (mergekit's lambda) toward higher validation
-    scores: ``start`` and its two neighbours, then one step at a time in the better direction while the
-    score strictly rises. Returns ``(lambda, score)`` in grid order for the lambdas it evaluated.
-
-    On a unimodal curve this finds the grid's best lambda for 3-5 evaluations instead of all of them
-    (every whole grid measured so far was unimodal); a plateau or a second peak can stop it early.
-    It sees only what ``validation_score`` returns: the caller passes validation numbers."""
-    seen: dict[int, float] = {}
-
-    def at(i: int) -> float:
-        if i not in seen:
-            seen[i] = float(validation_score(lambdas[i]))
-        return seen[i]
-
-    centre = lambdas.index(start)
-    for i in (centre, centre - 1, centre + 1):
-        if 0 <= i < len(lambdas):
-            at(i)
-    best = max(seen, key=lambda i: (seen[i], i == centre))  # a tie with the start stays at the start
-    step = 0 if best == centre else (1 if best > centre else -1)
-    while step and 0 <= best + step < len(lambdas) and at(best + step) > seen[best]:
-        best += step
-    return [(lambdas[i], seen[i]) for i in sorted(seen)]

@@ -66,17 +66,15 @@ def test_choose_setting_takes_validation_results_only():
 
 
 class FakeBench:
-    """Records by split, unimodal in lambda: on validation lambda 0.5 wins, on test lambda 1.5 would."""
+    """Records by split: on validation lambda 0.5 wins, on test lambda 1.5 would."""
 
     def __init__(self, tasks):
-        import merge_testbed as mt
-
-        self.tasks, self.asked, self.lambdas = tasks, [], mt.LAMBDAS
+        self.tasks, self.asked = tasks, []
 
     def measure(self, method, density, seed, lam, split):
         self.asked.append((method.name, density, seed, lam, split))
-        favourite = self.lambdas.index(0.5 if split == "validation" else 1.5)
-        right = 90 - 6 * abs(self.lambdas.index(lam) - favourite) + (5 if density in (None, 0.2) else 0)
+        favourite = 0.5 if split == "validation" else 1.5
+        right = (90 if lam == favourite else 60) + (5 if density in (None, 0.2) else 0)
         return {t: [1] * right + [0] * (100 - right) for t in self.tasks}
 
     def perplexity(self, *args):
@@ -97,15 +95,14 @@ def test_the_protocol_chooses_on_validation_although_test_would_choose_otherwise
     for name in ("task_arithmetic", "ties", "dare_ties"):
         assert result["chosen"][name]["lambda"] == 0.5  # test alone would have picked 1.5
     assert result["chosen"]["ties"]["density"] == 0.2
-    # per method, every density's climb (1.0, 0.7, 1.5, then 0.5 and 0.3 where it stops) on validation
-    # before any of its test numbers
-    for name, densities in (("task_arithmetic", 1), ("ties", len(mt.DENSITIES)), ("dare_ties", len(mt.DENSITIES))):
+    # per method, every validation setting of its grid was measured before any of its test numbers
+    for name, size in (("task_arithmetic", len(mt.LAMBDAS)), ("ties", len(mt.LAMBDAS) * len(mt.DENSITIES)),
+                       ("dare_ties", len(mt.LAMBDAS) * len(mt.DENSITIES))):
         asked = [a for a in bench.asked if a[0] == name]
         first_test = next(i for i, a in enumerate(asked) if a[-1] == "test")
-        assert first_test == 5 * densities and all(a[-1] == "test" for a in asked[first_test:])  # seed 0
-        assert {a[3] for a in asked[:first_test]} == {0.3, 0.5, 0.7, 1.0, 1.5}
+        assert first_test == size and all(a[-1] == "test" for a in asked[first_test:])  # seed 0 on validation
     tuned = next(r for r in result["rows"] if r["name"] == "dare_ties (tuned)")
-    assert tuned["seeds"] == len(mt.SEEDS) and tuned["normalized"] == pytest.approx(0.77)  # 90 - 3 * 6 + 5: three steps from 1.5
+    assert tuned["seeds"] == len(mt.SEEDS) and tuned["normalized"] == pytest.approx(0.65)
     assert math.isfinite(tuned["vs_best_data_free"]["difference"])
 
 
@@ -156,38 +153,6 @@ def test_micro_batches_give_the_gradient_of_one_padded_batch():
         results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert torch.allclose(results[1][1], results[0][1], atol=1e-5)
-
-
-def whole_grid_best(lambdas, score):
-    return max(lambdas, key=lambda lam: (score(lam), -lambdas.index(lam)))
-
-
-@pytest.mark.parametrize("peak", range(7))
-def test_the_lambda_search_finds_the_peak_of_a_unimodal_curve_without_the_whole_grid(peak):
-    lambdas = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
-    asked = []
-
-    def score(lam):
-        asked.append(lam)
-        return 0.9 - 0.03 * abs(lambdas.index(lam) - peak) ** 1.5
-
-    found = stats.lambda_search(lambdas, score)
-    searched = list(asked)  # whole_grid_best below asks for every lambda
-    assert max(found, key=lambda f: f[1])[0] == whole_grid_best(lambdas, score) == lambdas[peak]
-    asked = searched
-    assert len(asked) == len(set(asked)) == len(found)  # nothing evaluated twice
-    # 1.0 and its neighbours; below 1.0, down to one past the peak (unless the peak is the grid's edge)
-    assert set(asked) == ({0.7, 1.0, 1.5} if peak >= 5 else set(lambdas[max(peak - 1, 0):]))
-    assert [lam for lam, _ in found] == sorted(asked)
-
-
-def test_the_lambda_search_stays_at_the_start_on_a_tie_and_sees_only_what_it_is_given():
-    lambdas = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
-    flat = stats.lambda_search(lambdas, lambda lam: 0.5)
-    assert [lam for lam, _ in flat] == [0.7, 1.0, 1.5]
-    # a second, higher peak beyond a dip is not reached: the climb is local, and says so
-    bumpy = {0.1: 0.95, 0.2: 0.6, 0.3: 0.6, 0.5: 0.7, 0.7: 0.8, 1.0: 0.7, 1.5: 0.6}
-    assert max(stats.lambda_search(lambdas, bumpy.get), key=lambda f: f[1]) == (0.7, 0.8)
 
 
 def test_kept_records_spare_a_new_machine_the_reference_evaluations(tmp_path, monkeypatch):
