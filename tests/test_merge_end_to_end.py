@@ -60,21 +60,29 @@ def test_task_arithmetic_by_hand_on_real_files(family, tmp_path):
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
 
 
-def base_inputs_sq_norms(base_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Independent reference: hook every linear of the UNMODIFIED model, whole-model forward."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    norms, handles = {}, []
+def linear_inputs(model_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent reference: hook every linear of the UNMODIFIED model, whole-model forward; its
+    inputs ``(tokens, in)`` in float64, keyed by the weight's name."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seen, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             def hook(mod, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                norms[name + ".weight"] = norms.get(name + ".weight", 0) + (x ** 2).sum(0)
+                seen[name + ".weight"] = args[0].reshape(-1, args[0].shape[-1]).double()
             handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         model(input_ids=windows)
     for h in handles:
         h.remove()
-    return norms
+    return seen
+
+
+def base_inputs_sq_norms(model_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: (x ** 2).sum(0) for name, x in linear_inputs(model_dir, windows).items()}
+
+
+def base_input_grams(model_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: x.T @ x / x.shape[0] for name, x in linear_inputs(model_dir, windows).items()}
 
 
 @pytest.mark.parametrize("activations", ["base", "finetuned"])
@@ -104,16 +112,22 @@ def test_wanda_ties_keeps_the_deltas_a_brute_force_activation_score_keeps(family
     assert record["per_tensor"]["model.embed_tokens.weight"]["sparsifier"] == "magnitude"
 
 
+def own_and_shared_windows(tmp_path: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's own calibration windows (3 x 12) and the top-level ones (4 x 16), saved as own.pt and shared.pt."""
+    gen = torch.Generator().manual_seed(seed)
+    own, shared = torch.randint(3, VOCAB, (3, 12), generator=gen), torch.randint(3, VOCAB, (4, 16), generator=gen)
+    torch.save(own, tmp_path / "own.pt")
+    torch.save(shared, tmp_path / "shared.pt")
+    return own, shared
+
+
 @pytest.mark.parametrize("activations", ["base", "finetuned"])
 def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activations):
     """Task activations: ft1 calibrates on its own windows, ft2 on the top-level ones; every tensor equals
     merge_tensor with the brute-force norms of (that model or the base) on (that model's) windows."""
     from wandamerge.merging.methods import merge_tensor
 
-    gen = torch.Generator().manual_seed(3)
-    own, shared = torch.randint(3, VOCAB, (3, 12), generator=gen), torch.randint(3, VOCAB, (4, 16), generator=gen)
-    torch.save(own, tmp_path / "own.pt")
-    torch.save(shared, tmp_path / "shared.pt")
+    own, shared = own_and_shared_windows(tmp_path, seed=3)
     out = tmp_path / "task-activations"
     record = run_recipe({
         "merge_method": "ties", "base_model": str(family["base"]),
@@ -132,6 +146,35 @@ def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activa
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
     assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]
     assert record["calibration"]["windows"] == [4, 16]
+
+
+def test_regmean_solves_each_linear_from_its_tasks_grams_and_averages_the_rest(family, tmp_path):
+    """Each linear map equals RegMean on brute-force Grams of the base's inputs (ft1 on its own windows,
+    ft2 on the top-level ones); every other tensor is the weighted mean of the task vectors, recorded."""
+    from wandamerge.merging.methods import merge_tensor
+
+    own, shared = own_and_shared_windows(tmp_path, seed=4)
+    out = tmp_path / "regmean"
+    record = run_recipe({
+        "merge_method": "regmean", "base_model": str(family["base"]),
+        "parameters": {"alpha": 0.7, "lambda": 1.5},
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0},
+                    "calibration": {"data": str(tmp_path / "own.pt"), "nsamples": 3, "seqlen": 12}},
+                   {"model": str(family["ft2"]), "parameters": {"weight": 0.5}}],
+        "calibration": {"data": str(tmp_path / "shared.pt"), "nsamples": 4, "seqlen": 16}}, out)
+    grams = [base_input_grams(family["base"], own), base_input_grams(family["base"], shared)]
+    base, fts, got = tensors(family["base"]), [tensors(family["ft1"]), tensors(family["ft2"])], tensors(out)
+    for name in base:
+        if name in grams[0]:
+            want = merge_tensor("regmean", base[name], [ft[name] for ft in fts], [1.0, 0.5], lambda_=1.5,
+                                input_grams=[g[name].float() for g in grams], alpha=0.7)
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=name)
+            assert name not in record["fallbacks"]
+        else:
+            mean = sum(w * (ft[name] - base[name]) for w, ft in zip([1.0, 0.5], fts)) / 1.5
+            torch.testing.assert_close(got[name], base[name] + 1.5 * mean, rtol=0, atol=1e-6, msg=name)
+            assert "merged by task_arithmetic" in record["fallbacks"][name]
+    assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]
 
 
 def test_own_calibration_without_an_activation_score_is_refused(family, tmp_path):

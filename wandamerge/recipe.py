@@ -45,8 +45,8 @@ class Condition(BaseModel):
 ParameterSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
 
 MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
-GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask")
-NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda")
+GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge")  # alpha, ridge: RegMean
+NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge")
 
 
 def _short(value, limit: int = 60) -> str:
@@ -219,10 +219,11 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
         own = [m.model for m in self.models if m.calibration is not None]
         score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
-        if own and not (score and SPARSIFIERS[score].needs_input_norms):
+        reads = (score and SPARSIFIERS[score].needs_input_norms) or MERGE_METHODS[self.merge_method].needs_grams
+        if own and not reads:
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
-                             f"use, and merge_method {self.merge_method!r} with score {score!r} reads none; "
-                             "set sparsify.score: wanda, or remove it")
+                             f"and data-aware methods use, and merge_method {self.merge_method!r} with score "
+                             f"{score!r} reads none; set sparsify.score: wanda, use regmean, or remove it")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
         return self

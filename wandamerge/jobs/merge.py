@@ -47,7 +47,7 @@ from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, m
 from ..merging.sparsify import get_sparsifier
 from ..models import BLOCK_PATHS, block_prefix, load_model, load_tokenizer, local_model_dir
 from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
-from ..runner import NORMS, blockwise_pass
+from ..runner import GRAM, NORMS, blockwise_pass
 from .merge_inputs import check_compatible, open_inputs
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class InputNorms:
-    sq_norms: torch.Tensor  # (in_features,)
+    """What the calibration pass saw at the input of one linear map."""
+
+    sq_norms: torch.Tensor  # (in_features,) sum over tokens of x_j ** 2
     transposed: bool  # the stored tensor is (in, out), as GPT-2's Conv1D
+    gram: torch.Tensor | None = None  # (in, in) mean over tokens of x x^T, when a method asked for it
 
 
 @dataclass
@@ -75,8 +78,9 @@ class MergeInputs:
 
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
-                        progress: bool = True, loader=None) -> dict[str, InputNorms]:
-    """``sum x_j^2`` of the inputs of every decoder linear map, keyed by its weight's tensor name.
+                        progress: bool = True, loader=None, grams: bool = False) -> dict[str, InputNorms]:
+    """``sum x_j^2`` of the inputs of every decoder linear map (and with ``grams`` the mean of ``x x^T``),
+    keyed by its weight's tensor name.
 
     The visitor changes nothing, so every map sees the unmodified model's activations.
     ``loader``: where the blocks come from (a :class:`~wandamerge.loaders.StreamedModel`'s
@@ -86,9 +90,11 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
     norms: dict[str, InputNorms] = {}
 
     def visit(index, linear, stats):
-        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(stats.sq_norms.cpu(), linear.transposed)
+        gram = (stats.gram / max(stats.tokens, 1)).cpu() if grams else None
+        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(stats.sq_norms.cpu(), linear.transposed, gram)
 
-    blockwise_pass(model, windows, visit, needs={NORMS}, device=device, batch_size=batch_size,
+    blockwise_pass(model, windows, visit, needs={NORMS, GRAM} if grams else {NORMS}, device=device,
+                   batch_size=batch_size,
                    within_block="sequential" if batch_size is None else "parallel", progress=progress,
                    desc="activations", loader=loader)
     return norms
@@ -117,7 +123,7 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
         opened, out = open_merge_inputs(recipe, out, overwrite)
     score = _score(recipe)
     norms_per_input, calib_record = [None] * len(recipe.models), None
-    if score is not None and get_sparsifier(score).needs_input_norms:
+    if _reads_activations(recipe):
         with clock.stage("activations"):
             norms_per_input, calib_record = _activations(recipe, opened, device, progress, low_memory)
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
@@ -170,6 +176,12 @@ def _specs(recipe: MergeRecipe) -> list[str]:
     return [m.model for m in recipe.models]
 
 
+def _reads_activations(recipe: MergeRecipe) -> bool:
+    """Whether the sparsifier needs input norms or the method input Grams (a calibration pass)."""
+    score = _score(recipe)
+    return (score is not None and get_sparsifier(score).needs_input_norms) or get_method(recipe.merge_method).needs_grams
+
+
 def _score(recipe: MergeRecipe) -> str | None:
     """The sparsifier asked for: the recipe's ``sparsify.score``, else the method's own (None: none)."""
     asked = recipe.sparsify.score if recipe.sparsify else None
@@ -217,9 +229,11 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
                                              vocab_size=model.config.vocab_size)
         return drawn[key]
 
+    grams = get_method(recipe.merge_method).needs_grams
+
     def collect(calib: Calibration, loader=None):
         return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
-                                   progress=progress, loader=loader)
+                                   progress=progress, loader=loader, grams=grams)
 
     if recipe.sparsify is None or recipe.sparsify.activations == "base":
         through_base: dict[str, dict[str, InputNorms]] = {}
@@ -399,6 +413,8 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         gamma=None if all(g is None for g in gammas) else gammas,
         epsilon=None if all(e is None for e in epsilons) else epsilons,
         input_sq_norms=[n.sq_norms for n in norms] if row and row.needs_input_norms and None not in norms else None,
+        input_grams=[n.gram for n in norms] if method.needs_grams and None not in norms else None,
+        alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t),
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 
 

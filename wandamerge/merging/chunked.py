@@ -40,7 +40,9 @@ BLOCK = 1 << 22  # entries of one input in a block (rounded to whole row chunks 
 
 def chunked_merge_applies(plan: MergePlan, dtypes: Sequence[torch.dtype]) -> bool:
     """Whether :func:`merge_rows` covers a merge so planned, with inputs of these dtypes (see the module doc)."""
-    if plan.method.on != "deltas" or any(d == torch.float64 or not d.is_floating_point for d in dtypes):
+    if plan.method.on != "deltas" or plan.method.needs_grams:  # a Gram method solves the whole matrix at once
+        return False
+    if any(d == torch.float64 or not d.is_floating_point for d in dtypes):
         return False
     if any(trim is not None and trim.sparsifier.select is None for trim in plan.trims):
         return False

@@ -28,13 +28,14 @@ float32 inputs the two agree to the bit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
 from ..core.selection import check_density
 from ..errors import ConfigError, lookup
+from .regmean import DEFAULT_ALPHA, DEFAULT_RIDGE, regmean_combine
 from .sparsify import Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
 
 # ----------------------------------------------------------------------------
@@ -119,6 +120,11 @@ COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]]
     "sum": weighted_sum,    # sum_i w_i delta_i (task arithmetic)
     "ties": ties_combine,   # sign election and disjoint mean (TIES)
 }
+# combiners that also take each fine-tune's input Gram of the tensor's linear map, and their options
+GRAM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
+    "regmean": regmean_combine,  # closed-form least squares of the tasks' outputs (RegMean)
+}
+GRAM_OPTIONS = {"regmean": {"alpha": DEFAULT_ALPHA, "ridge": DEFAULT_RIDGE}}
 
 
 @dataclass(frozen=True)
@@ -126,22 +132,34 @@ class MergeMethod:
     """A merge method as a row of data (mergekit's generalized task arithmetic, spelled out).
 
     ``on="deltas"``: the sparsified, weighted deltas are combined by
-    ``COMBINERS[consensus]``. ``on="weights"``: the full fine-tuned tensors are
-    averaged (:func:`weighted_average`). ``score`` is the default sparsifier
-    (``None``: none), ``normalize`` and ``rescale`` the defaults, all as in
-    mergekit 0.1.5.
+    ``COMBINERS[consensus]``, or by ``GRAM_COMBINERS[consensus]`` with each
+    fine-tune's input Gram of the tensor's linear map (``needs_grams``; a tensor
+    that is no linear map's weight, or has no Gram, is merged by the ``fallback``
+    method instead, and the record says so). ``on="weights"``: the full
+    fine-tuned tensors are averaged (:func:`weighted_average`). ``score`` is the
+    default sparsifier (``None``: none), ``normalize`` and ``rescale`` the
+    defaults, all as in mergekit 0.1.5 for its methods.
     """
 
     name: str
-    consensus: Literal["sum", "ties"] | None
+    consensus: str | None
     score: str | None
     normalize: bool
     rescale: bool = False
     on: Literal["deltas", "weights"] = "deltas"
     reference: str = ""
+    fallback: str | None = None
 
-    def combine(self, weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-        """The merged delta of a stack of weighted deltas ``(n, *shape)``."""
+    @property
+    def needs_grams(self) -> bool:
+        return self.consensus in GRAM_COMBINERS
+
+    def combine(self, weighted: torch.Tensor, weights: torch.Tensor, normalize: bool, grams=None,
+                options: dict | None = None) -> torch.Tensor:
+        """The merged delta of a stack of weighted deltas ``(n, *shape)`` (``grams``, ``options``: see
+        ``GRAM_COMBINERS``)."""
+        if self.needs_grams:
+            return GRAM_COMBINERS[self.consensus](weighted, weights, grams, **(options or {}))
         return COMBINERS[self.consensus](weighted, weights, normalize)
 
 
@@ -152,8 +170,12 @@ def register_method(row: MergeMethod) -> MergeMethod:
     """Add a merge method (checked: a known consensus and default sparsifier, a new name)."""
     if row.on not in ("deltas", "weights"):
         raise ConfigError(f"on={row.on!r}: expected 'deltas' or 'weights'")
-    if (row.on == "deltas") != (row.consensus in COMBINERS):
-        raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {sorted(COMBINERS)}")
+    known = sorted([*COMBINERS, *GRAM_COMBINERS])
+    if (row.on == "deltas") != (row.consensus in known):
+        raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {known}")
+    if row.needs_grams and (row.fallback not in MERGE_METHODS or MERGE_METHODS[row.fallback].needs_grams):
+        raise ConfigError(f"merge method {row.name!r} needs a registered fallback that takes no Gram, "
+                          f"got {row.fallback!r}")
     if row.name in MERGE_METHODS:
         raise ConfigError(f"merge method {row.name!r} is already registered")
     if row.score is not None:
@@ -179,6 +201,9 @@ for _row in (
     MergeMethod("breadcrumbs_ties", "ties", "breadcrumbs", normalize=False, reference=_BREADCRUMBS),
     MergeMethod("della", "ties", "della", normalize=True, rescale=True, reference=_DELLA),
     MergeMethod("della_linear", "sum", "della", normalize=False, rescale=True, reference=_DELLA),
+    # normalize: the fallback (task arithmetic) gives the weighted mean, what RegMean gives for equal Grams
+    MergeMethod("regmean", "regmean", None, normalize=True, fallback="task_arithmetic",
+                reference="https://arxiv.org/abs/2212.09849"),
 ):
     register_method(_row)
 
@@ -243,6 +268,9 @@ class MergePlan:
     rescale: Rescale
     requested: str | None
     trims: list[SparsifyPlan | None]
+    grams: list | None = None  # each fine-tune's input Gram, for a method that needs them
+    method_options: dict = field(default_factory=dict)  # e.g. RegMean's alpha and ridge
+    method_fallback: str | None = None  # why the method applied is not the one asked for
 
     @property
     def sparsifier(self) -> str | None:
@@ -251,18 +279,45 @@ class MergePlan:
 
     @property
     def fallback_reason(self) -> str | None:
-        return None if self.trims[-1] is None else self.trims[-1].fallback_reason
+        trim = None if self.trims[-1] is None else self.trims[-1].fallback_reason
+        return "; ".join(r for r in (self.method_fallback, trim) if r) or None
 
     def result(self, tensor: torch.Tensor | None) -> "MergeResult":
         return MergeResult(tensor, self.method.name, self.sparsifier, self.requested, self.fallback_reason,
                            self.normalize, self.rescale, self.lambda_)
 
 
+def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, options: dict
+               ) -> tuple[MergeMethod, list | None, dict, str | None]:
+    """A method that needs Grams: (the method that applies, the Grams, its options, why it fell back)."""
+    given = [k for k, v in options.items() if v is not None]
+    if not spec.needs_grams:
+        if given:
+            raise ConfigError(f"{spec.name} takes no {', '.join(given)} (a Gram-based method such as "
+                              f"{', '.join(sorted(m for m, r in MERGE_METHODS.items() if r.needs_grams))} does)")
+        return spec, None, {}, None
+    chosen = {k: float(GRAM_OPTIONS[spec.consensus][k] if options.get(k) is None else options[k])
+              for k in GRAM_OPTIONS[spec.consensus]}
+    if not 0.0 <= chosen.get("alpha", 0.0) <= 1.0 or chosen.get("ridge", 0.0) < 0:
+        raise ConfigError(f"{spec.name} needs alpha in [0, 1] and ridge >= 0, got {chosen}")
+    if len(shape) == 2 and input_grams is not None and not isinstance(input_grams, torch.Tensor):
+        grams = list(input_grams)
+        if len(grams) != n:
+            raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
+        if all(g is not None for g in grams):
+            return spec, grams, chosen, None
+    why = (f"{spec.name} needs each fine-tune's input Gram of a linear map"
+           + (f", and shape {tuple(shape)} is not a matrix" if len(shape) != 2 else ", and none was given")
+           + f": merged by {spec.fallback}")
+    return get_method(spec.fallback), None, {}, why
+
+
 def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[float] | float,
                densities: Sequence[float] | float | None = None, *, score: str | None = None,
                lambda_: float | None = None, normalize: bool | None = None, rescale: Rescale | None = None,
                gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
-               pattern: str | None = None) -> MergePlan:
+               pattern: str | None = None, input_grams=None, alpha: float | None = None,
+               ridge: float | None = None) -> MergePlan:
     """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
@@ -280,11 +335,13 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     normalize = spec.normalize if normalize is None else bool(normalize)
     extras = {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}
     if spec.on == "weights":
-        given = [k for k, v in {"score": score, "lambda_": lambda_, "rescale": rescale, **extras}.items()
+        given = [k for k, v in {"score": score, "lambda_": lambda_, "rescale": rescale, "alpha": alpha,
+                                "ridge": ridge, **extras}.items()
                  if v is not None] + (["densities"] if min(densities) < 1 else [])
         if given:
             raise ConfigError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
         return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
+    applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge})
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
     requested = spec.score if score is None else score
@@ -298,7 +355,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
         trims = [plan_sparsify(requested, tuple(shape), density=densities[i], rescale=rescale,
                                input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i],
                                epsilon=epsilons[i]) for i in range(n)]
-    return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims)
+    return MergePlan(applied, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims,
+                     grams, options, why)
 
 
 def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
@@ -347,12 +405,12 @@ def merge_with_plan(plan: MergePlan, base: torch.Tensor, finetuned: Sequence[tor
 
     weight_t = torch.tensor(plan.weights, dtype=work, device=base.device)
     merged = combine_deltas(plan.method, base_w, (sparsified(i) for i in range(len(finetuned))), weight_t,
-                            plan.normalize, plan.lambda_)
+                            plan.normalize, plan.lambda_, plan.grams, plan.method_options)
     return plan.result(merged.to(base.dtype))
 
 
 def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: torch.Tensor, normalize: bool,
-                   lambda_: float) -> torch.Tensor:
+                   lambda_: float, grams: list | None = None, options: dict | None = None) -> torch.Tensor:
     """``base_w + lambda_ * combine(w_i * delta_i)`` for the sparsified ``deltas`` (an iterable, one
     per weight, consumed in order) in ``base_w``'s dtype. One ``(n, *shape)`` stack is filled in place:
     each delta is written, weighted, and dropped."""
@@ -360,7 +418,10 @@ def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: tor
     for i, delta in enumerate(deltas):
         torch.mul(delta, weights[i], out=weighted[i])
         del delta
-    mixed = _combine_in_chunks(spec, weighted, weights, normalize)
+    if spec.needs_grams:  # one solve for the whole matrix
+        mixed = spec.combine(weighted, weights, normalize, grams, options)
+    else:
+        mixed = _combine_in_chunks(spec, weighted, weights, normalize)
     del weighted
     if lambda_ != 1:
         mixed.mul_(lambda_)
@@ -390,7 +451,8 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
                  rescale: Rescale | None = None, gamma: Sequence[float] | float | None = None,
                  epsilon: Sequence[float] | float | None = None,
                  input_sq_norms: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-                 group: str | None = None, pattern: str | None = None,
+                 group: str | None = None, pattern: str | None = None, input_grams=None,
+                 alpha: float | None = None, ridge: float | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge the fine-tuned versions of one tensor into ``base``; returns a
     tensor of ``base``'s shape and dtype. Inputs are not modified.
@@ -407,17 +469,20 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
     default 0.01) and ``epsilon`` (della, default 0.15) are per fine-tune or one
     number; ``group``/``pattern`` go to magnitude/wanda. ``generator`` drives the
     random sparsifiers (the global RNG when ``None``), used by the fine-tunes in
-    order. Options that the chosen method or sparsifier does not use raise
-    ``ValueError`` rather than being ignored.
+    order. ``input_grams`` (one ``(in, in)`` input Gram per fine-tune, the mean
+    of ``x x^T`` over its calibration tokens), ``alpha`` and ``ridge`` are
+    RegMean's (:mod:`.regmean`); without Grams it merges by its fallback and
+    :func:`merge_tensor_detailed` says so. Options that the chosen method or
+    sparsifier does not use raise ``ValueError`` rather than being ignored.
     """
     return merge_tensor_detailed(method, base, finetuned, weights, densities, score=score, lambda_=lambda_,
                                  normalize=normalize, rescale=rescale, gamma=gamma, epsilon=epsilon,
                                  input_sq_norms=input_sq_norms, group=group, pattern=pattern,
-                                 generator=generator).tensor
+                                 input_grams=input_grams, alpha=alpha, ridge=ridge, generator=generator).tensor
 
 
 __all__ = [
-    "COMBINERS", "MERGE_METHODS", "MergeMethod", "MergeResult", "agreement_mask",
+    "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "MergeMethod", "MergeResult", "agreement_mask",
     "disjoint_merge", "elect_sign", "get_method", "merge_tensor", "merge_tensor_detailed", "merge_with_plan",
     "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",

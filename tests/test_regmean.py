@@ -1,0 +1,108 @@
+"""RegMean against a least-squares brute force and hand-worked special cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wandamerge.errors import ConfigError
+from wandamerge.merging.regmean import reduce_off_diagonal, regmean_combine
+
+
+def task_data(seed: int, n: int = 3, out: int = 5, width: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(out, width, generator=gen, dtype=torch.float64) for _ in range(n)]
+    inputs = [torch.randn(10 + 7 * i, width, generator=gen, dtype=torch.float64) * torch.rand(width, generator=gen,
+                                                                                              dtype=torch.float64)
+              for i in range(n)]
+    return taus, inputs
+
+
+def test_regmean_is_the_least_squares_merge_of_the_tasks_outputs():
+    """alpha 1, no ridge: W minimises sum_i w_i / N_i ||X_i W^T - X_i W_i^T||^2 (lstsq on stacked rows)."""
+    taus, inputs = task_data(0)
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    grams = [x.T @ x / x.shape[0] for x in inputs]
+    weighted = torch.stack([w * t for w, t in zip(weights, taus)])
+    got = regmean_combine(weighted, weights, grams, alpha=1.0, ridge=0.0)
+    scale = [torch.sqrt(w / x.shape[0]) for w, x in zip(weights, inputs)]
+    design = torch.cat([s * x for s, x in zip(scale, inputs)])
+    target = torch.cat([s * x @ t.T for s, x, t in zip(scale, inputs, taus)])
+    want = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_the_base_drops_out_so_task_vectors_give_the_full_weight_merge():
+    taus, inputs = task_data(1)
+    base = torch.randn(taus[0].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    weights = torch.tensor([0.3, 1.0, 0.7], dtype=torch.float64)
+    grams = [x.T @ x / x.shape[0] for x in inputs]
+    on_weights = regmean_combine(torch.stack([w * (base + t) for w, t in zip(weights, taus)]), weights, grams,
+                                 alpha=0.6, ridge=0.0)
+    on_deltas = regmean_combine(torch.stack([w * t for w, t in zip(weights, taus)]), weights, grams, alpha=0.6,
+                                ridge=0.0)
+    torch.testing.assert_close(on_weights, base + on_deltas, rtol=1e-9, atol=1e-9)
+
+
+def test_identical_grams_give_the_weighted_mean_and_alpha_zero_a_per_column_mean():
+    taus, inputs = task_data(2)
+    weights = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    weighted = torch.stack([w * t for w, t in zip(weights, taus)])
+    same = inputs[0].T @ inputs[0]
+    torch.testing.assert_close(regmean_combine(weighted, weights, [same] * 3, ridge=0.0),
+                               weighted.sum(0) / weights.sum())
+    grams = [x.T @ x for x in inputs]
+    diag = torch.stack([g.diagonal() for g in grams])  # (n, in)
+    by_hand = (weighted * diag[:, None, :]).sum(0) / (weights[:, None] * diag).sum(0)
+    torch.testing.assert_close(regmean_combine(weighted, weights, grams, alpha=0.0, ridge=0.0), by_hand)
+
+
+def test_a_channel_no_task_reaches_gets_the_weighted_mean_through_the_ridge():
+    taus, inputs = task_data(3)
+    for x in inputs:
+        x[:, 2] = 0
+    weights = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    weighted = torch.stack([w * t for w, t in zip(weights, taus)])
+    got = regmean_combine(weighted, weights, [x.T @ x for x in inputs], alpha=0.9, ridge=1e-6)
+    torch.testing.assert_close(got[:, 2], weighted.sum(0)[:, 2] / 4)
+    assert torch.isfinite(got).all()
+
+
+def test_reduce_off_diagonal_by_hand():
+    gram = torch.tensor([[4.0, 2.0], [2.0, 9.0]])
+    torch.testing.assert_close(reduce_off_diagonal(gram, 0.25), torch.tensor([[4.0, 0.5], [0.5, 9.0]]))
+    assert torch.equal(gram, torch.tensor([[4.0, 2.0], [2.0, 9.0]]))  # input untouched
+
+
+def test_regmean_refuses_what_it_cannot_merge():
+    taus, inputs = task_data(4)
+    weighted, grams = torch.stack(taus), [x.T @ x for x in inputs]
+    with pytest.raises(ConfigError, match="positive"):
+        regmean_combine(weighted, torch.tensor([1.0, 0.0, 1.0]), grams)
+    with pytest.raises(ConfigError, match="input Gram"):
+        regmean_combine(weighted, torch.ones(3), grams[:2])
+    with pytest.raises(ConfigError, match="alpha"):
+        regmean_combine(weighted, torch.ones(3), grams, alpha=1.5)
+
+
+def test_merge_tensor_regmean_scales_by_lambda_and_falls_back_without_grams():
+    from wandamerge.merging.methods import merge_tensor, merge_tensor_detailed
+
+    taus, inputs = task_data(5)
+    base = torch.randn(taus[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    finetuned = [base + t for t in taus]
+    grams = [x.T @ x / x.shape[0] for x in inputs]
+    weights = [1.0, 2.0, 0.5]
+    w = torch.tensor(weights, dtype=torch.float64)
+    solved = regmean_combine(torch.stack([wi * t for wi, t in zip(w, taus)]), w, grams, alpha=0.5, ridge=0.0)
+    got = merge_tensor("regmean", base, finetuned, weights, input_grams=grams, alpha=0.5, ridge=0.0, lambda_=0.7)
+    torch.testing.assert_close(got, base + 0.7 * solved)
+    alone = merge_tensor_detailed("regmean", base, finetuned, weights)  # no Grams: the weighted mean
+    assert "needs each fine-tune's input Gram" in alone.fallback_reason and alone.method == "task_arithmetic"
+    torch.testing.assert_close(alone.tensor, base + sum(wi * t for wi, t in zip(weights, taus)) / sum(weights))
+    vector = merge_tensor_detailed("regmean", base[0], [f[0] for f in finetuned], weights, input_grams=grams)
+    assert "not a matrix" in vector.fallback_reason
+    with pytest.raises(ConfigError, match="takes no alpha"):
+        merge_tensor("ties", base, finetuned, weights, 0.5, alpha=0.5)
+    with pytest.raises(ConfigError, match="alpha in"):
+        merge_tensor("regmean", base, finetuned, weights, input_grams=grams, alpha=2.0)
