@@ -52,10 +52,15 @@ sys.path.insert(0, str(HERE))
 from testbed import REFERENCE_RECORDS, TASKS, Records, build_finetunes, default_root, digest  # noqa: E402
 from testbed_stats import ValidationResult, choose_setting, interval, paired, summary  # noqa: E402
 
-LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # 0.1 and 0.2: task arithmetic of eight was best at the old edge, 0.3
+# 0.1 and 0.2: task arithmetic of eight was best at the old lower edge, 0.3; 2.0 and 3.0: Wanda-TIES at density
+# 0.1 was still rising at 1.5, and the mean-like methods (TIES' disjoint mean, DELLA, RegMean) of eight
+# fine-tunes may want lambda near the number of tasks times task arithmetic's
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 DENSITIES = (0.1, 0.2, 0.5)
 SEEDS = (0, 1, 2)  # random methods, on test; validation uses the first
 CALIBRATION = {"data": "wiki", "nsamples": 32, "seqlen": 512}  # Wanda norms: the base on wiki windows
+# task activations: each fine-tune's own training prompts (with their answers), through the base
+TASK_CALIBRATION = {"nsamples": 64, "seqlen": 128}
 PPL_WINDOWS = 16  # of ../shared/data/smollm2-wiki/eval_64x512.pt (held-out Wikipedia)
 KEPT_MERGES = 3  # deltas kept in memory (0.5 GB each for SmolLM2-135M): one per seed of a random method
 RECORDS_FILE = HERE / "results" / "merge_testbed_records.json"
@@ -73,7 +78,9 @@ class Method:
     score: str | None = None  # None: no trim (task arithmetic)
     random: bool = False
     data_free: bool = True
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # per model
+    merge_params: dict = field(default_factory=dict)  # global (e.g. RegMean's alpha)
+    calibration: str = "wiki"  # or "task": each model's own training prompts (task activations)
 
     @property
     def densities(self) -> tuple:
@@ -92,18 +99,26 @@ METHODS = [  # in the order they are run: the central comparison first
     Method("dare_linear", "dare_linear", "random", random=True),
     Method("breadcrumbs", "breadcrumbs", "breadcrumbs", params={"gamma": 0.01}),
     Method("della", "della", "della", random=True),
+    # activation-aware (issue 14): task activations, and RegMean on each task's input Grams
+    Method("ties/wanda-task", "ties", "wanda", data_free=False, calibration="task"),
+    Method("regmean", "regmean", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
 ]
 
 
-def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str]) -> dict:
+def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str],
+               task_data: dict[str, str] | None = None) -> dict:
     params: dict = {"weight": 1.0, **method.params}
     if density is not None:
         params["density"] = density
     if method.score == "della":
         params["epsilon"] = min(0.1, density / 2, (1 - density) / 2)
+    own = (lambda t: {"calibration": {"data": task_data[t], **TASK_CALIBRATION}}) if method.calibration == "task" \
+        else (lambda t: {})
     recipe = {"merge_method": method.merge_method, "base_model": base, "dtype": "float32",
-              "models": [{"model": finetunes[t], "parameters": dict(params)} for t in TASKS],
+              "models": [{"model": finetunes[t], "parameters": dict(params), **own(t)} for t in TASKS],
               "calibration": {**CALIBRATION, "seed": seed}}  # the seed also drives random drops
+    if method.merge_params:
+        recipe["parameters"] = dict(method.merge_params)
     if method.score:
         recipe["sparsify"] = {"score": method.score, "group": "row"}
     return recipe
@@ -115,12 +130,14 @@ def recipe_for(method: Method, density: float | None, seed: int, base: str, fine
 class Bench:
     """The base in memory, merges on demand, every evaluation through the records cache."""
 
-    def __init__(self, base: Path, finetunes: dict[str, Path], root: Path, work: Path):
+    def __init__(self, base: Path, finetunes: dict[str, Path], root: Path, work: Path,
+                 task_data: dict[str, Path] | None = None):
         import torch
 
         from wandamerge.models import load_model
 
         self.base, self.finetunes, self.work = base, {t: str(p) for t, p in finetunes.items()}, work
+        self.task_data = {t: str(p) for t, p in (task_data or {}).items()}
         self.records = Records(root)
         self.model, self.tokenizer = load_model(str(base))
         self.model.eval()
@@ -135,7 +152,9 @@ class Bench:
         torch.set_grad_enabled(False)
 
     def merge_key(self, method: Method, density, seed) -> str:
-        return f"{method.name.replace('/', '-')}-d{density}-s{seed}-{self.fingerprint}"
+        task = "" if method.calibration != "task" else "-t" + digest(
+            {"data": {t: Path(p).name for t, p in self.task_data.items()}, **TASK_CALIBRATION, **method.merge_params})[:8]
+        return f"{method.name.replace('/', '-')}-d{density}-s{seed}{task}-{self.fingerprint}"
 
     def load_merge(self, method: Method, density, seed) -> None:
         """Merge at lambda 1 through the library and keep ``merged - base`` in memory."""
@@ -153,7 +172,7 @@ class Bench:
             return
         out = self.work / key
         t0 = time.perf_counter()
-        recipe = parse_recipe(recipe_for(method, density, seed, str(self.base), self.finetunes), key)
+        recipe = parse_recipe(recipe_for(method, density, seed, str(self.base), self.finetunes, self.task_data), key)
         merge(recipe, out, overwrite=True, progress=False)
         merged = {}
         for shard in sorted(out.glob("*.safetensors")):
@@ -438,7 +457,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(4, os.cpu_count() or 1))))
-    from testbed import reference_records, write_tasks_table
+    from testbed import reference_records, task_calibration, write_tasks_table
     from wandamerge.models import prepare_smollm2
 
     base = prepare_smollm2()
@@ -448,7 +467,7 @@ def main() -> None:
     write_tasks_table(base, paths, refs, [str(HERE / "testbed.py")])  # the same table testbed.py writes
     work = args.work or root / "merges"
     work.mkdir(parents=True, exist_ok=True)
-    bench = Bench(base, {t: paths[t] for t in TASKS}, root, work)
+    bench = Bench(base, {t: paths[t] for t in TASKS}, root, work, {t: task_calibration(root, t) for t in TASKS})
     bench.report_only = args.report
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     started = time.perf_counter()

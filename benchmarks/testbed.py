@@ -97,6 +97,21 @@ def finetune_key(name: str, settings: dict, base_key: str) -> str:
     return f"{name}-{digest({'settings': settings, 'seed': SEED, 'data': data, 'base': base_key, 'v': RECIPE_VERSION})}"
 
 
+def task_calibration(root: Path, task: str) -> Path:
+    """The task's training prompts with their right answers, one ``{"text": ...}`` per line: the data of
+    task activations (what the fine-tune saw). Named by content, written once."""
+    from wandamerge.evaluation.tasks import read_examples
+
+    texts = [ex["prompt"] + ex["choices"][ex["label"]] for ex in read_examples(task, "train")]
+    path = root / "calibration" / f"{task}-{digest(texts)}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        tmp.replace(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- training
 
 
