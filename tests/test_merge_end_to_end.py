@@ -177,6 +177,34 @@ def test_regmean_solves_each_linear_from_its_tasks_grams_and_averages_the_rest(f
     assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]
 
 
+def test_gram_rescale_collects_each_models_grams_in_the_calibration_pass(family, tmp_path):
+    from wandamerge.merging.methods import merge_tensor
+
+    own, shared = own_and_shared_windows(tmp_path, seed=5)
+    record = run_recipe({
+        "merge_method": "ties", "base_model": str(family["base"]), "parameters": {"rescale": "gram"},
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.3},
+                    "calibration": {"data": str(tmp_path / "own.pt"), "nsamples": 3, "seqlen": 12}},
+                   {"model": str(family["ft2"]), "parameters": {"weight": 1.0, "density": 0.3}}],
+        "sparsify": {"score": "wanda"},
+        "calibration": {"data": str(tmp_path / "shared.pt"), "nsamples": 4, "seqlen": 16}}, tmp_path / "out")
+    windows = [own, shared]
+    norms = [base_inputs_sq_norms(family["base"], w) for w in windows]
+    grams = [base_input_grams(family["base"], w) for w in windows]
+    base, fts, got = tensors(family["base"]), [tensors(family["ft1"]), tensors(family["ft2"])], tensors(tmp_path / "out")
+    rescaled = 0
+    for name in norms[0]:
+        want = merge_tensor("ties", base[name], [ft[name] for ft in fts], 1.0, 0.3, score="wanda", rescale="gram",
+                            input_sq_norms=[n[name].float() for n in norms],
+                            input_grams=[g[name].float() for g in grams])
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-6, msg=name)
+        unscaled = merge_tensor("ties", base[name], [ft[name] for ft in fts], 1.0, 0.3, score="wanda",
+                                rescale="none", input_sq_norms=[n[name].float() for n in norms])
+        rescaled += not torch.allclose(got[name], unscaled, atol=1e-6)
+    assert rescaled == len(norms[0])  # every linear map really rescaled, from its own Grams
+    assert record["calibration"]["per_model"]
+
+
 def test_own_calibration_without_an_activation_score_is_refused(family, tmp_path):
     with pytest.raises(RecipeError, match="own calibration"):
         parse_recipe({"merge_method": "ties", "base_model": str(family["base"]),

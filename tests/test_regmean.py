@@ -106,3 +106,43 @@ def test_merge_tensor_regmean_scales_by_lambda_and_falls_back_without_grams():
         merge_tensor("ties", base, finetuned, weights, 0.5, alpha=0.5)
     with pytest.raises(ConfigError, match="alpha in"):
         merge_tensor("regmean", base, finetuned, weights, input_grams=grams, alpha=2.0)
+
+
+def test_gram_rescale_is_the_least_squares_scale_of_the_kept_entries():
+    """c minimises ||X (c M o delta - delta)^T||^2 (a one-column lstsq); a diagonal Gram gives 1."""
+    from wandamerge.merging.sparsify import mask_and_rescale
+
+    taus, inputs = task_data(6)
+    delta, x = taus[0].abs(), inputs[0][:, :1] + 0.1 * inputs[0]  # correlated inputs, same-sign entries
+    keep = torch.rand(delta.shape, generator=torch.Generator().manual_seed(2)) < 0.4
+    got = mask_and_rescale(delta, keep, 0.4, "gram", x.T @ x / x.shape[0])
+    masked = delta * keep
+    c = torch.linalg.lstsq((x @ masked.T).reshape(-1, 1), (x @ delta.T).reshape(-1, 1)).solution.item()
+    torch.testing.assert_close(got, c * masked)
+    assert abs(c - 1) > 0.05  # a real rescale here
+    diagonal = torch.diag(torch.rand(delta.shape[1], dtype=torch.float64) + 0.1)
+    torch.testing.assert_close(mask_and_rescale(delta, keep, 0.4, "gram", diagonal), masked)
+    assert torch.equal(mask_and_rescale(delta, keep, 0.4, "none"), masked)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "random"])
+def test_every_sparsifier_takes_the_gram_rescale_through_the_merge(score):
+    from wandamerge.merging.methods import merge_tensor
+    from wandamerge.merging.sparsify import gram_scale
+
+    taus, inputs = task_data(7)
+    base = torch.zeros(taus[0].shape, dtype=torch.float64)
+    grams = [x.T @ x / x.shape[0] for x in inputs]
+    norms = [torch.diagonal(g) for g in grams]
+    options = {"input_sq_norms": norms} if score == "wanda" else {}
+
+    def merged(rescale, seed=3):
+        return merge_tensor("task_arithmetic", base, taus, 1.0, 0.5, score=score, rescale=rescale,
+                            input_grams=grams, generator=torch.Generator().manual_seed(seed), **options)
+
+    plain, gen = merged(False), torch.Generator().manual_seed(3)
+    kept = [merge_tensor("task_arithmetic", base, [t], 1.0, 0.5, score=score, rescale=False, generator=gen,
+                         **({"input_sq_norms": [n]} if score == "wanda" else {})) for t, n in zip(taus, norms)]
+    torch.testing.assert_close(plain, sum(kept))
+    want = sum(k * gram_scale(t, k, g) for k, t, g in zip(kept, taus, grams))
+    torch.testing.assert_close(merged("gram"), want)

@@ -209,6 +209,11 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"dtype {value!r} is not supported{did_you_mean(value, DTYPE_NAMES)}")
         return value
 
+    def asks_gram_rescale(self) -> bool:
+        """Whether any tensor's ``rescale`` is ``"gram"`` (the calibration pass then collects input Grams)."""
+        setting = (self.parameters or {}).get("rescale")
+        return setting is not None and "gram" in _leaf_values(setting)
+
     @model_validator(mode="after")
     def consistent(self):
         if self.merge_method not in MERGE_METHODS:
@@ -219,7 +224,8 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
         own = [m.model for m in self.models if m.calibration is not None]
         score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
-        reads = (score and SPARSIFIERS[score].needs_input_norms) or MERGE_METHODS[self.merge_method].needs_grams
+        reads = ((score and SPARSIFIERS[score].needs_input_norms) or MERGE_METHODS[self.merge_method].needs_grams
+                 or self.asks_gram_rescale())
         if own and not reads:
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
                              f"and data-aware methods use, and merge_method {self.merge_method!r} with score "

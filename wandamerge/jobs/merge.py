@@ -177,9 +177,13 @@ def _specs(recipe: MergeRecipe) -> list[str]:
 
 
 def _reads_activations(recipe: MergeRecipe) -> bool:
-    """Whether the sparsifier needs input norms or the method input Grams (a calibration pass)."""
+    """Whether the sparsifier needs input norms, or the method or the rescale input Grams (a calibration pass)."""
     score = _score(recipe)
-    return (score is not None and get_sparsifier(score).needs_input_norms) or get_method(recipe.merge_method).needs_grams
+    return (score is not None and get_sparsifier(score).needs_input_norms) or _needs_grams(recipe)
+
+
+def _needs_grams(recipe: MergeRecipe) -> bool:
+    return get_method(recipe.merge_method).needs_grams or recipe.asks_gram_rescale()
 
 
 def _score(recipe: MergeRecipe) -> str | None:
@@ -229,7 +233,7 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
                                              vocab_size=model.config.vocab_size)
         return drawn[key]
 
-    grams = get_method(recipe.merge_method).needs_grams
+    grams = _needs_grams(recipe)
 
     def collect(calib: Calibration, loader=None):
         return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
@@ -413,7 +417,7 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         gamma=None if all(g is None for g in gammas) else gammas,
         epsilon=None if all(e is None for e in epsilons) else epsilons,
         input_sq_norms=[n.sq_norms for n in norms] if row and row.needs_input_norms and None not in norms else None,
-        input_grams=[n.gram for n in norms] if method.needs_grams and None not in norms else None,
+        input_grams=[n.gram for n in norms] if _needs_grams(recipe) and None not in norms else None,
         alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t),
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 

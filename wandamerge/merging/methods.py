@@ -248,6 +248,13 @@ def _norms_per_model(input_sq_norms, n: int) -> list:
     return norms
 
 
+def _grams_per_model(input_grams, n: int) -> list:
+    grams = list(input_grams)
+    if len(grams) != n:
+        raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
+    return grams
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """Everything a merge of one tensor needs besides the tensors, checked before any is read.
@@ -301,9 +308,7 @@ def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, o
     if not 0.0 <= chosen.get("alpha", 0.0) <= 1.0 or chosen.get("ridge", 0.0) < 0:
         raise ConfigError(f"{spec.name} needs alpha in [0, 1] and ridge >= 0, got {chosen}")
     if len(shape) == 2 and input_grams is not None and not isinstance(input_grams, torch.Tensor):
-        grams = list(input_grams)
-        if len(grams) != n:
-            raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
+        grams = _grams_per_model(input_grams, n)
         if all(g is not None for g in grams):
             return spec, grams, chosen, None
     why = (f"{spec.name} needs each fine-tune's input Gram of a linear map"
@@ -344,6 +349,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge})
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
+    if grams is None and rescale == "gram" and input_grams is not None and len(shape) == 2:
+        grams = _grams_per_model(input_grams, n)  # the kept entries' least-squares scale
     requested = spec.score if score is None else score
     if requested is None:
         unused = [k for k, v in extras.items() if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
@@ -401,7 +408,8 @@ def merge_with_plan(plan: MergePlan, base: torch.Tensor, finetuned: Sequence[tor
         trim = plan.trims[i]
         if trim is None:
             return delta
-        return trim.apply(delta, plan.densities[i], plan.rescale, generator, plan.input_norms[i])
+        return trim.apply(delta, plan.densities[i], plan.rescale, generator, plan.input_norms[i],
+                          plan.grams[i] if plan.grams else None)
 
     weight_t = torch.tensor(plan.weights, dtype=work, device=base.device)
     merged = combine_deltas(plan.method, base_w, (sparsified(i) for i in range(len(finetuned))), weight_t,

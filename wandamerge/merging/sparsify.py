@@ -24,7 +24,12 @@ Conventions, chosen to reproduce mergekit 0.1.5 (``mergekit/sparsify.py``):
   scaled so the delta keeps its L1 norm (skipped when either norm is below
   1e-7). ``"l2"`` and ``"linf"`` match those norms instead. ``"density"`` divides
   by ``density`` (the DARE paper, PEFT and mergekit before 0.1: unbiased in
-  expectation for the random drop).
+  expectation for the random drop). ``"none"`` is ``False``. ``"gram"`` is the
+  least-squares scale of the kept entries for the tensor's input Gram ``G``
+  (what the change of the map's outputs over the calibration tokens is closest
+  to): ``c = <(M o delta) G, delta> / <(M o delta) G, M o delta>``. Under Wanda's
+  diagonal assumption it is 1; a tensor without a Gram (embeddings, norms) is
+  kept as it is.
 
 The registry at the bottom holds two kinds of rows. A *selection* sparsifier
 (magnitude, wanda, breadcrumbs) is a score and a :class:`Selection` (how many
@@ -47,8 +52,8 @@ from ..core.selection import (GROUPS, as_rows, check_density, check_group, keep_
                               keep_per_tensor, order_most_first, parse_pattern, rank_key)
 from ..errors import ConfigError, lookup
 
-Rescale = Union[bool, None, Literal["l1", "l2", "linf", "density"]]
-RESCALE_MODES = ("l1", "l2", "linf", "density")
+Rescale = Union[bool, None, Literal["none", "l1", "l2", "linf", "density", "gram"]]
+RESCALE_MODES = ("none", "l1", "l2", "linf", "density", "gram")
 RESCALE_EPS = 1e-7  # mergekit's tolerance for a norm too small to rescale
 DEFAULT_GAMMA = 0.01    # mergekit's default for breadcrumbs
 DEFAULT_EPSILON = 0.15  # mergekit's default for della
@@ -60,7 +65,7 @@ OPTION_NAMES = ("group", "pattern", "gamma", "epsilon")
 
 def rescale_mode(rescale: Rescale) -> str | None:
     """``rescale`` as one of :data:`RESCALE_MODES`, or None for no rescale (``True`` is ``"l1"``)."""
-    if rescale is None or rescale is False:
+    if rescale is None or rescale is False or rescale == "none":
         return None
     if rescale is True:
         return "l1"
@@ -69,15 +74,30 @@ def rescale_mode(rescale: Rescale) -> str | None:
     raise ConfigError(f"rescale {rescale!r} is not one of False, True, {', '.join(map(repr, RESCALE_MODES))}")
 
 
-def mask_and_rescale(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: Rescale = False
-                     ) -> torch.Tensor:
-    """``delta * keep`` (True = kept), then rescaled as ``rescale`` says (see the module doc)."""
+def gram_scale(delta: torch.Tensor, masked: torch.Tensor, gram: torch.Tensor) -> float:
+    """The ``c`` that makes ``c * masked`` the least-squares fit of ``delta``'s outputs for inputs of Gram
+    ``gram``: ``<masked G, delta> / <masked G, masked>`` (1 when ``masked`` changes no output)."""
+    product = masked.to(torch.float64) @ gram.to(device=masked.device, dtype=torch.float64)
+    denominator = float((product * masked.to(torch.float64)).sum())
+    if denominator <= 0:
+        return 1.0
+    return float((product * delta.to(torch.float64)).sum()) / denominator
+
+
+def mask_and_rescale(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: Rescale = False,
+                     gram: torch.Tensor | None = None) -> torch.Tensor:
+    """``delta * keep`` (True = kept), then rescaled as ``rescale`` says (see the module doc); ``gram``:
+    the ``(in, in)`` input Gram a ``"gram"`` rescale fits the outputs for."""
     mode = rescale_mode(rescale)
     masked = delta * keep.to(delta.dtype)
     if mode is None:
         return masked
     if mode == "density":
         return masked / density
+    if mode == "gram":
+        if gram is None or delta.ndim != 2 or tuple(gram.shape) != (delta.shape[1],) * 2:
+            return masked
+        return masked * gram_scale(delta, masked, gram)
     if mode == "l1":
         before, after = delta.abs().sum(), masked.abs().sum()
     elif mode == "l2":
@@ -355,8 +375,13 @@ class SparsifyPlan:
         return self.sparsifier.select(shape, density, **self.options)
 
     def apply(self, delta: torch.Tensor, density: float, rescale: Rescale,
-              generator: torch.Generator | None = None, input_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-        """The sparsified delta (``delta`` itself where nothing is dropped)."""
+              generator: torch.Generator | None = None, input_sq_norms: torch.Tensor | None = None,
+              gram: torch.Tensor | None = None) -> torch.Tensor:
+        """The sparsified delta (``delta`` itself where nothing is dropped); ``gram``: the input Gram a
+        ``"gram"`` rescale fits (any sparsifier: its kept entries, then the least-squares scale)."""
+        if rescale_mode(rescale) == "gram":
+            kept = self.apply(delta, density, False, generator, input_sq_norms)
+            return kept if kept is delta else mask_and_rescale(delta, kept != 0, density, "gram", gram)
         row = self.sparsifier
         if row.fn is not None:
             options = {k: self.options.get(k) for k in OPTION_NAMES}
