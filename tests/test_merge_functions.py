@@ -338,7 +338,7 @@ def test_registering_a_sparsifier_is_a_short_function():
 
 
 def test_method_records_carry_mergekit_defaults():
-    table = {name: (m.score, m.normalize, m.rescale) for name, m in MERGE_METHODS.items() if not m.needs_grams}
+    table = {name: (m.score, m.normalize, m.rescale) for name, m in MERGE_METHODS.items() if m.fallback is None}
     assert table == {
         "linear": (None, True, False),
         "task_arithmetic": (None, False, False),

@@ -101,7 +101,7 @@ def test_merge_tensor_regmean_scales_by_lambda_and_falls_back_without_grams():
     assert "needs each fine-tune's input Gram" in alone.fallback_reason and alone.method == "task_arithmetic"
     torch.testing.assert_close(alone.tensor, base + sum(wi * t for wi, t in zip(weights, taus)) / sum(weights))
     vector = merge_tensor_detailed("regmean", base[0], [f[0] for f in finetuned], weights, input_grams=grams)
-    assert "not a matrix" in vector.fallback_reason
+    assert "is not one: merged by task_arithmetic" in vector.fallback_reason
     with pytest.raises(ConfigError, match="takes no alpha"):
         merge_tensor("ties", base, finetuned, weights, 0.5, alpha=0.5)
     with pytest.raises(ConfigError, match="alpha in"):

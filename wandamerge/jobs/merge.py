@@ -45,7 +45,8 @@ from ..loaders import StreamedModel, should_stream
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import BLOCK_PATHS, block_prefix, load_model, load_tokenizer, local_model_dir
+from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_prefix, load_model, load_tokenizer,
+                      local_model_dir)
 from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
 from ..runner import GRAM, NORMS, blockwise_pass
 from .merge_inputs import check_compatible, open_inputs
@@ -333,11 +334,15 @@ class _TensorJob:
         self.recipe, self.opened, self.name = recipe, opened, name
         self.method: MergeMethod = get_method(recipe.merge_method)
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
-        self.transposed = any(n is not None and n.transposed for n in norms)  # Conv1D: scored as (out, in)
         shape = tuple(opened.base.shape(name))
+        linear_map = len(shape) == 2 and name.startswith(f"{opened.prefix}.") and name.endswith(".weight")
+        conv1d = opened.base.config.get("model_type") in TRANSPOSED_LINEAR_TYPES
+        # Conv1D: scored and merged as (out, in)
+        self.transposed = (any(n is not None and n.transposed for n in norms)
+                           or (self.method.linear_maps_only and linear_map and conv1d))
         self.plan: MergePlan = plan_tensor(recipe, self.method, name,
                                            layer_position(name, opened.prefix, opened.num_layers),
-                                           shape[::-1] if self.transposed else shape, norms)
+                                           shape[::-1] if self.transposed else shape, norms, linear_map)
 
     def in_blocks(self) -> bool:
         """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
@@ -395,7 +400,7 @@ class _TensorJob:
 
 
 def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
-                norms: list) -> MergePlan:
+                norms: list, linear_map: bool | None = None) -> MergePlan:
     """The merge plan of tensor ``name`` (``shape`` as it is scored): per-model and global parameters
     resolved at its layer position ``t``, the recipe's sparsifier options where the sparsifier takes them."""
     params = recipe.parameters or {}
@@ -418,7 +423,7 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         epsilon=None if all(e is None for e in epsilons) else epsilons,
         input_sq_norms=[n.sq_norms for n in norms] if row and row.needs_input_norms and None not in norms else None,
         input_grams=[n.gram for n in norms] if _needs_grams(recipe) and None not in norms else None,
-        alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t),
+        alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t), linear_map=linear_map,
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 
 

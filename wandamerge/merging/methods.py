@@ -36,6 +36,7 @@ import torch
 from ..core.selection import check_density
 from ..errors import ConfigError, lookup
 from .regmean import DEFAULT_ALPHA, DEFAULT_RIDGE, regmean_combine
+from .wudi import wudi_combine
 from .sparsify import Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
 
 # ----------------------------------------------------------------------------
@@ -119,6 +120,7 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor, nor
 COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]] = {
     "sum": weighted_sum,    # sum_i w_i delta_i (task arithmetic)
     "ties": ties_combine,   # sign election and disjoint mean (TIES)
+    "wudi": wudi_combine,   # interference of each task vector's row space minimised (WUDI; linear maps only)
 }
 # combiners that also take each fine-tune's input Gram of the tensor's linear map, and their options
 GRAM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -135,7 +137,8 @@ class MergeMethod:
     ``COMBINERS[consensus]``, or by ``GRAM_COMBINERS[consensus]`` with each
     fine-tune's input Gram of the tensor's linear map (``needs_grams``; a tensor
     that is no linear map's weight, or has no Gram, is merged by the ``fallback``
-    method instead, and the record says so). ``on="weights"``: the full
+    method instead, and the record says so). ``linear_maps_only``: the same
+    fallback for every tensor that is not a linear map's weight, Gram or not. ``on="weights"``: the full
     fine-tuned tensors are averaged (:func:`weighted_average`). ``score`` is the
     default sparsifier (``None``: none), ``normalize`` and ``rescale`` the
     defaults, all as in mergekit 0.1.5 for its methods.
@@ -149,6 +152,7 @@ class MergeMethod:
     on: Literal["deltas", "weights"] = "deltas"
     reference: str = ""
     fallback: str | None = None
+    linear_maps_only: bool = False
 
     @property
     def needs_grams(self) -> bool:
@@ -173,7 +177,9 @@ def register_method(row: MergeMethod) -> MergeMethod:
     known = sorted([*COMBINERS, *GRAM_COMBINERS])
     if (row.on == "deltas") != (row.consensus in known):
         raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {known}")
-    if row.needs_grams and (row.fallback not in MERGE_METHODS or MERGE_METHODS[row.fallback].needs_grams):
+    partial = row.needs_grams or row.linear_maps_only
+    if partial and (row.fallback not in MERGE_METHODS or MERGE_METHODS[row.fallback].needs_grams
+                    or MERGE_METHODS[row.fallback].linear_maps_only):
         raise ConfigError(f"merge method {row.name!r} needs a registered fallback that takes no Gram, "
                           f"got {row.fallback!r}")
     if row.name in MERGE_METHODS:
@@ -202,8 +208,11 @@ for _row in (
     MergeMethod("della", "ties", "della", normalize=True, rescale=True, reference=_DELLA),
     MergeMethod("della_linear", "sum", "della", normalize=False, rescale=True, reference=_DELLA),
     # normalize: the fallback (task arithmetic) gives the weighted mean, what RegMean gives for equal Grams
-    MergeMethod("regmean", "regmean", None, normalize=True, fallback="task_arithmetic",
+    MergeMethod("regmean", "regmean", None, normalize=True, fallback="task_arithmetic", linear_maps_only=True,
                 reference="https://arxiv.org/abs/2212.09849"),
+    # the official code leaves other tensors at the base; the sum (task arithmetic) is WUDI's own start
+    MergeMethod("wudi", "wudi", None, normalize=False, fallback="task_arithmetic", linear_maps_only=True,
+                reference="https://arxiv.org/abs/2503.08099"),
 ):
     register_method(_row)
 
@@ -294,26 +303,30 @@ class MergePlan:
                            self.normalize, self.rescale, self.lambda_)
 
 
-def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, options: dict
-               ) -> tuple[MergeMethod, list | None, dict, str | None]:
-    """A method that needs Grams: (the method that applies, the Grams, its options, why it fell back)."""
+def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, options: dict,
+               linear_map: bool | None) -> tuple[MergeMethod, list | None, dict, str | None]:
+    """(the method that applies, the Grams, its options, why it fell back) for a method that merges linear
+    maps only or needs Grams; ``linear_map`` None: any matrix is one."""
     given = [k for k, v in options.items() if v is not None]
+    if not spec.needs_grams and given:
+        raise ConfigError(f"{spec.name} takes no {', '.join(given)} (a Gram-based method such as "
+                          f"{', '.join(sorted(m for m, r in MERGE_METHODS.items() if r.needs_grams))} does)")
+    is_linear = len(shape) == 2 and linear_map is not False
+    if spec.linear_maps_only and not is_linear:
+        why = (f"{spec.name} merges the weights of linear maps, and this tensor (shape {tuple(shape)}) is not one"
+               f": merged by {spec.fallback}")
+        return get_method(spec.fallback), None, {}, why
     if not spec.needs_grams:
-        if given:
-            raise ConfigError(f"{spec.name} takes no {', '.join(given)} (a Gram-based method such as "
-                              f"{', '.join(sorted(m for m, r in MERGE_METHODS.items() if r.needs_grams))} does)")
         return spec, None, {}, None
     chosen = {k: float(GRAM_OPTIONS[spec.consensus][k] if options.get(k) is None else options[k])
               for k in GRAM_OPTIONS[spec.consensus]}
     if not 0.0 <= chosen.get("alpha", 0.0) <= 1.0 or chosen.get("ridge", 0.0) < 0:
         raise ConfigError(f"{spec.name} needs alpha in [0, 1] and ridge >= 0, got {chosen}")
-    if len(shape) == 2 and input_grams is not None and not isinstance(input_grams, torch.Tensor):
+    if input_grams is not None and not isinstance(input_grams, torch.Tensor):
         grams = _grams_per_model(input_grams, n)
         if all(g is not None for g in grams):
             return spec, grams, chosen, None
-    why = (f"{spec.name} needs each fine-tune's input Gram of a linear map"
-           + (f", and shape {tuple(shape)} is not a matrix" if len(shape) != 2 else ", and none was given")
-           + f": merged by {spec.fallback}")
+    why = f"{spec.name} needs each fine-tune's input Gram of a linear map, and none was given: merged by {spec.fallback}"
     return get_method(spec.fallback), None, {}, why
 
 
@@ -322,7 +335,7 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                lambda_: float | None = None, normalize: bool | None = None, rescale: Rescale | None = None,
                gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
                pattern: str | None = None, input_grams=None, alpha: float | None = None,
-               ridge: float | None = None) -> MergePlan:
+               ridge: float | None = None, linear_map: bool | None = None) -> MergePlan:
     """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
@@ -346,7 +359,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
         if given:
             raise ConfigError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
         return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
-    applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge})
+    applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge},
+                                              linear_map)
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
     if grams is None and rescale == "gram" and input_grams is not None and len(shape) == 2:
