@@ -121,8 +121,8 @@ def own_and_shared_windows(tmp_path: Path, seed: int) -> tuple[torch.Tensor, tor
     return own, shared
 
 
-@pytest.mark.parametrize("activations", ["base", "finetuned"])
-def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activations):
+@pytest.mark.parametrize("activations,method", [("base", "ties"), ("finetuned", "ties"), ("base", "obim")])
+def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activations, method):
     """Task activations: ft1 calibrates on its own windows, ft2 on the top-level ones; every tensor equals
     merge_tensor with the brute-force norms of (that model or the base) on (that model's) windows."""
     from wandamerge.merging.methods import merge_tensor
@@ -130,7 +130,7 @@ def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activa
     own, shared = own_and_shared_windows(tmp_path, seed=3)
     out = tmp_path / "task-activations"
     record = run_recipe({
-        "merge_method": "ties", "base_model": str(family["base"]),
+        "merge_method": method, "base_model": str(family["base"]),
         "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0, "density": 0.3},
                     "calibration": {"data": str(tmp_path / "own.pt"), "nsamples": 3, "seqlen": 12}},
                    {"model": str(family["ft2"]), "parameters": {"weight": 0.8, "density": 0.3}}],
@@ -141,7 +141,7 @@ def test_each_model_own_calibration_gives_its_own_norms(family, tmp_path, activa
     base, fts, got = tensors(family["base"]), [tensors(family["ft1"]), tensors(family["ft2"])], tensors(out)
     assert norms[0].keys() == norms[1].keys() and norms[0]
     for name in norms[0]:
-        want = merge_tensor("ties", base[name], [ft[name] for ft in fts], [1.0, 0.8], 0.3, score="wanda",
+        want = merge_tensor(method, base[name], [ft[name] for ft in fts], [1.0, 0.8], 0.3, score="wanda",
                             input_sq_norms=[n[name].float() for n in norms])
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
     assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]

@@ -338,8 +338,7 @@ def test_registering_a_sparsifier_is_a_short_function():
 
 
 def test_method_records_carry_mergekit_defaults():
-    table = {name: (m.score, m.normalize, m.rescale) for name, m in MERGE_METHODS.items() if m.fallback is None}
-    assert table == {
+    mergekit = {
         "linear": (None, True, False),
         "task_arithmetic": (None, False, False),
         "ties": ("magnitude", True, False),
@@ -350,6 +349,8 @@ def test_method_records_carry_mergekit_defaults():
         "della": ("della", True, True),
         "della_linear": ("della", False, True),
     }
+    assert {name: (MERGE_METHODS[name].score, MERGE_METHODS[name].normalize, MERGE_METHODS[name].rescale)
+            for name in mergekit} == mergekit
 
 
 # ----------------------------------------------------------------------------

@@ -224,7 +224,8 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
         own = [m.model for m in self.models if m.calibration is not None]
         score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
-        reads = ((score and SPARSIFIERS[score].needs_input_norms) or MERGE_METHODS[self.merge_method].needs_grams
+        method = MERGE_METHODS[self.merge_method]
+        reads = ((score and SPARSIFIERS[score].needs_input_norms) or method.needs_grams or method.needs_norms
                  or self.asks_gram_rescale())
         if own and not reads:
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "

@@ -40,7 +40,7 @@ BLOCK = 1 << 22  # entries of one input in a block (rounded to whole row chunks 
 
 def chunked_merge_applies(plan: MergePlan, dtypes: Sequence[torch.dtype]) -> bool:
     """Whether :func:`merge_rows` covers a merge so planned, with inputs of these dtypes (see the module doc)."""
-    if plan.method.on != "deltas" or plan.method.needs_grams:  # a Gram method solves the whole matrix at once
+    if plan.method.on != "deltas" or plan.method.needs_grams or plan.method.needs_norms:  # data-aware: whole
         return False
     if any(d == torch.float64 or not d.is_floating_point for d in dtypes):
         return False

@@ -96,6 +96,20 @@ def ties_combine(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool)
     return disjoint_merge(weighted, weights, agreement_mask(weighted, elect_sign(weighted)), normalize)
 
 
+def exclusive_combine(weighted: torch.Tensor, weights: torch.Tensor, input_sq_norms: Sequence | None = None
+                      ) -> torch.Tensor:
+    """OBIM's exclusive assignment: each entry takes the weighted delta of the one fine-tune with the
+    highest saliency there, ``(w_i delta_i)^2 * ||X_i,j||^2`` (the OBS saliency under a diagonal
+    Hessian, from each fine-tune's own input norms; ``|delta|`` alone where there are none). Entries a
+    fine-tune dropped (zeros) are not its to claim; equal saliencies go to the first fine-tune."""
+    saliency = weighted.pow(2)
+    norms = list(input_sq_norms) if input_sq_norms is not None else []
+    if weighted.ndim == 3 and norms and all(n is not None and n.shape == weighted.shape[2:] for n in norms):
+        saliency = saliency * torch.stack([n.to(saliency) for n in norms])[:, None, :]
+    saliency = saliency.masked_fill(weighted == 0, -1.0)
+    return weighted.gather(0, saliency.argmax(0, keepdim=True))[0]
+
+
 def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """mergekit's ``linear``: ``sum_i w_i W_i`` (``/ sum_i w_i`` when normalizing)."""
     first = tensors[0]
@@ -127,6 +141,10 @@ GRAM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
     "regmean": regmean_combine,  # closed-form least squares of the tasks' outputs (RegMean)
 }
 GRAM_OPTIONS = {"regmean": {"alpha": DEFAULT_ALPHA, "ridge": DEFAULT_RIDGE}}
+# combiners that also take each fine-tune's input norms (sum of x_j^2) of the tensor's linear map
+NORM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
+    "exclusive": exclusive_combine,  # each entry to the fine-tune with the highest saliency (OBIM)
+}
 
 
 @dataclass(frozen=True)
@@ -158,12 +176,18 @@ class MergeMethod:
     def needs_grams(self) -> bool:
         return self.consensus in GRAM_COMBINERS
 
+    @property
+    def needs_norms(self) -> bool:
+        return self.consensus in NORM_COMBINERS
+
     def combine(self, weighted: torch.Tensor, weights: torch.Tensor, normalize: bool, grams=None,
-                options: dict | None = None) -> torch.Tensor:
-        """The merged delta of a stack of weighted deltas ``(n, *shape)`` (``grams``, ``options``: see
-        ``GRAM_COMBINERS``)."""
+                options: dict | None = None, input_sq_norms=None) -> torch.Tensor:
+        """The merged delta of a stack of weighted deltas ``(n, *shape)`` (``grams``, ``options``,
+        ``input_sq_norms``: see ``GRAM_COMBINERS`` and ``NORM_COMBINERS``)."""
         if self.needs_grams:
             return GRAM_COMBINERS[self.consensus](weighted, weights, grams, **(options or {}))
+        if self.needs_norms:
+            return NORM_COMBINERS[self.consensus](weighted, weights, input_sq_norms)
         return COMBINERS[self.consensus](weighted, weights, normalize)
 
 
@@ -174,7 +198,7 @@ def register_method(row: MergeMethod) -> MergeMethod:
     """Add a merge method (checked: a known consensus and default sparsifier, a new name)."""
     if row.on not in ("deltas", "weights"):
         raise ConfigError(f"on={row.on!r}: expected 'deltas' or 'weights'")
-    known = sorted([*COMBINERS, *GRAM_COMBINERS])
+    known = sorted([*COMBINERS, *GRAM_COMBINERS, *NORM_COMBINERS])
     if (row.on == "deltas") != (row.consensus in known):
         raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {known}")
     partial = row.needs_grams or row.linear_maps_only
@@ -211,6 +235,8 @@ for _row in (
     MergeMethod("regmean", "regmean", None, normalize=True, fallback="task_arithmetic", linear_maps_only=True,
                 reference="https://arxiv.org/abs/2212.09849"),
     # the official code leaves other tensors at the base; the sum (task arithmetic) is WUDI's own start
+    # Wanda's score is the square root of OBS's diagonal saliency, so it ranks entries the same
+    MergeMethod("obim", "exclusive", "wanda", normalize=False, reference="https://arxiv.org/abs/2502.12217"),
     MergeMethod("wudi", "wudi", None, normalize=False, fallback="task_arithmetic", linear_maps_only=True,
                 reference="https://arxiv.org/abs/2503.08099"),
 ):
@@ -427,12 +453,13 @@ def merge_with_plan(plan: MergePlan, base: torch.Tensor, finetuned: Sequence[tor
 
     weight_t = torch.tensor(plan.weights, dtype=work, device=base.device)
     merged = combine_deltas(plan.method, base_w, (sparsified(i) for i in range(len(finetuned))), weight_t,
-                            plan.normalize, plan.lambda_, plan.grams, plan.method_options)
+                            plan.normalize, plan.lambda_, plan.grams, plan.method_options, plan.input_norms)
     return plan.result(merged.to(base.dtype))
 
 
 def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: torch.Tensor, normalize: bool,
-                   lambda_: float, grams: list | None = None, options: dict | None = None) -> torch.Tensor:
+                   lambda_: float, grams: list | None = None, options: dict | None = None,
+                   input_sq_norms: list | None = None) -> torch.Tensor:
     """``base_w + lambda_ * combine(w_i * delta_i)`` for the sparsified ``deltas`` (an iterable, one
     per weight, consumed in order) in ``base_w``'s dtype. One ``(n, *shape)`` stack is filled in place:
     each delta is written, weighted, and dropped."""
@@ -440,8 +467,8 @@ def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: tor
     for i, delta in enumerate(deltas):
         torch.mul(delta, weights[i], out=weighted[i])
         del delta
-    if spec.needs_grams:  # one solve for the whole matrix
-        mixed = spec.combine(weighted, weights, normalize, grams, options)
+    if spec.needs_grams or spec.needs_norms:  # the whole matrix at once (one solve; the norms of its columns)
+        mixed = spec.combine(weighted, weights, normalize, grams, options, input_sq_norms)
     else:
         mixed = _combine_in_chunks(spec, weighted, weights, normalize)
     del weighted
@@ -504,8 +531,8 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
 
 
 __all__ = [
-    "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "MergeMethod", "MergeResult", "agreement_mask",
-    "disjoint_merge", "elect_sign", "get_method", "merge_tensor", "merge_tensor_detailed", "merge_with_plan",
-    "plan_merge", "register_method",
+    "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
+    "agreement_mask", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
+    "merge_tensor_detailed", "merge_with_plan", "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]
