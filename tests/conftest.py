@@ -114,3 +114,22 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(random_text(4000, seed=1))
     return path
+
+
+def linear_inputs(model_dir, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent reference: hook every linear of the UNMODIFIED model, whole-model forward; its
+    inputs ``(tokens, in)`` in float64, keyed by the weight's name."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seen, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and (".layers." in name or ".h." in name):
+            def hook(mod, args, name=name):
+                seen[name + ".weight"] = args[0].reshape(-1, args[0].shape[-1]).double()
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in handles:
+        h.remove()
+    return seen

@@ -18,7 +18,7 @@ from wandamerge.cli import main
 from wandamerge.jobs.merge import merge
 from wandamerge.recipe import RecipeError, parse_recipe
 
-from conftest import VOCAB, finetune_of, save, tensors, tiny_model
+from conftest import VOCAB, finetune_of, linear_inputs, save, tensors, tiny_model
 
 
 @pytest.fixture
@@ -58,23 +58,6 @@ def test_task_arithmetic_by_hand_on_real_files(family, tmp_path):
     for name in base:
         want = base[name] + 0.5 * (0.7 * (a[name] - base[name]) + 0.3 * (b[name] - base[name]))
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
-
-
-def linear_inputs(model_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Independent reference: hook every linear of the UNMODIFIED model, whole-model forward; its
-    inputs ``(tokens, in)`` in float64, keyed by the weight's name."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    seen, handles = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            def hook(mod, args, name=name):
-                seen[name + ".weight"] = args[0].reshape(-1, args[0].shape[-1]).double()
-            handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(input_ids=windows)
-    for h in handles:
-        h.remove()
-    return seen
 
 
 def base_inputs_sq_norms(model_dir: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:

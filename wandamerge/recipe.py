@@ -182,6 +182,14 @@ class Calibration(BaseModel):
     batch_size: int | None = Field(None, gt=0)
 
 
+class Aim(BaseModel):
+    """AIM's post-pass (``wandamerge.merging.aim``): the merged update of every decoder linear map shrunk on
+    the input channels the base uses most, from the base's activations on the top-level calibration."""
+
+    model_config = ConfigDict(extra="forbid")
+    omega: float = Field(0.4, ge=0.0, le=1.0)
+
+
 def model_calibration(recipe: "MergeRecipe", index: int) -> Calibration:
     """The calibration of ``recipe.models[index]``: its own keys over the top-level ones."""
     shared = (recipe.calibration or Calibration()).model_dump()
@@ -199,6 +207,7 @@ class MergeRecipe(_WithParameters):
     tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
     sparsify: Sparsify | None = None
     calibration: Calibration | None = None
+    aim: Aim | None = None
 
     _home = field_validator("base_model", "tokenizer_source", mode="before")(expand_home)
 
@@ -231,6 +240,8 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
                              f"and data-aware methods use, and merge_method {self.merge_method!r} with score "
                              f"{score!r} reads none; set sparsify.score: wanda, use regmean, or remove it")
+        if self.aim is not None and not self.base_model:
+            raise ValueError("aim relaxes the merged update against the base: set base_model")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
         return self

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NORMS = "norms"  # per-input-channel sum of x_j ** 2 (Wanda)
 GRAM = "gram"  # X^T X summed over tokens (SparseGPT, weight update)
+ABS = "abs"  # per-input-channel sum of |x_j| (AIM)
 
 WITHIN_BLOCK_ORDERS = ("sequential", "parallel")
 _TOKEN_CHUNK = 8192  # statistics are accumulated over at most this many tokens at a time
@@ -51,6 +52,7 @@ class InputStats:
     tokens: int = 0
     sq_norms: torch.Tensor | None = None  # (in,) sum over tokens of x_j ** 2
     gram: torch.Tensor | None = None  # (in, in) sum over tokens of x x^T
+    abs_sums: torch.Tensor | None = None  # (in,) sum over tokens of |x_j|
 
     def add(self, other: "InputStats") -> None:
         self.tokens += other.tokens
@@ -58,6 +60,8 @@ class InputStats:
             self.sq_norms = other.sq_norms if self.sq_norms is None else self.sq_norms + other.sq_norms
         if other.gram is not None:
             self.gram = other.gram if self.gram is None else self.gram + other.gram
+        if other.abs_sums is not None:
+            self.abs_sums = other.abs_sums if self.abs_sums is None else self.abs_sums + other.abs_sums
 
 
 def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
@@ -70,10 +74,14 @@ def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
         stats.sq_norms = torch.zeros(width, dtype=torch.float32, device=x.device)
     if GRAM in needs:
         stats.gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
+    if ABS in needs:
+        stats.abs_sums = torch.zeros(width, dtype=torch.float32, device=x.device)
     for start in range(0, flat.shape[0], _TOKEN_CHUNK):
         chunk = flat[start:start + _TOKEN_CHUNK].float()
         if stats.sq_norms is not None:
             stats.sq_norms += torch.linalg.vector_norm(chunk, dim=0) ** 2
+        if stats.abs_sums is not None:
+            stats.abs_sums += chunk.abs().sum(0)
         if stats.gram is not None:
             stats.gram.addmm_(chunk.T, chunk)
     return stats
@@ -147,7 +155,7 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
                    loader: BlockLoader | None = None) -> PassTimings:
     """Visit every linear map of every decoder block, in order, with its input statistics.
 
-    ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``); with
+    ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``, ``ABS``); with
     no needs (magnitude pruning, data-free merging) no calibration is run.
     ``loader`` brings each block in before its turn and takes it away after
     (default: :func:`default_loader`).
@@ -208,12 +216,13 @@ def _unseen_stats(linear: LinearMap, needs: set[str]) -> InputStats:
     device = linear.weight.device
     log.warning("%s saw no calibration tokens; its statistics are zero", linear.name)
     return InputStats(0, torch.zeros(width, device=device) if NORMS in needs else None,
-                      torch.zeros(width, width, device=device) if GRAM in needs else None)
+                      torch.zeros(width, width, device=device) if GRAM in needs else None,
+                      torch.zeros(width, device=device) if ABS in needs else None)
 
 
 def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
     """Refuse activations holding NaN or Inf (or whose squares overflow): no score can be made from them."""
-    for value in (stats.sq_norms, stats.gram):
+    for value in (stats.sq_norms, stats.gram, stats.abs_sums):
         if value is not None and not torch.isfinite(value).all():
             low = linear.weight.dtype in (torch.float16, torch.bfloat16)
             hint = "compute in float32 (--dtype float32)" if low else f"check the weights of blocks 0 to {index}"

@@ -42,13 +42,14 @@ from ..io.record import StageClock, input_digests, peak_memory, versions
 from ..io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, TensorRows
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, should_stream
+from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
 from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_prefix, load_model, load_tokenizer,
                       local_model_dir)
 from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
-from ..runner import GRAM, NORMS, blockwise_pass
+from ..runner import ABS, GRAM, NORMS, blockwise_pass
 from .merge_inputs import check_compatible, open_inputs
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class InputNorms:
     sq_norms: torch.Tensor  # (in_features,) sum over tokens of x_j ** 2
     transposed: bool  # the stored tensor is (in, out), as GPT-2's Conv1D
     gram: torch.Tensor | None = None  # (in, in) mean over tokens of x x^T, when a method asked for it
+    abs_sums: torch.Tensor | None = None  # (in_features,) sum over tokens of |x_j|, for AIM
 
 
 @dataclass
@@ -79,7 +81,8 @@ class MergeInputs:
 
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
-                        progress: bool = True, loader=None, grams: bool = False) -> dict[str, InputNorms]:
+                        progress: bool = True, loader=None, grams: bool = False,
+                        abs_sums: bool = False) -> dict[str, InputNorms]:
     """``sum x_j^2`` of the inputs of every decoder linear map (and with ``grams`` the mean of ``x x^T``),
     keyed by its weight's tensor name.
 
@@ -92,9 +95,11 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
 
     def visit(index, linear, stats):
         gram = (stats.gram / max(stats.tokens, 1)).cpu() if grams else None
-        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(stats.sq_norms.cpu(), linear.transposed, gram)
+        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(
+            stats.sq_norms.cpu(), linear.transposed, gram, stats.abs_sums.cpu() if abs_sums else None)
 
-    blockwise_pass(model, windows, visit, needs={NORMS, GRAM} if grams else {NORMS}, device=device,
+    needs = {NORMS} | ({GRAM} if grams else set()) | ({ABS} if abs_sums else set())
+    blockwise_pass(model, windows, visit, needs=needs, device=device,
                    batch_size=batch_size,
                    within_block="sequential" if batch_size is None else "parallel", progress=progress,
                    desc="activations", loader=loader)
@@ -123,17 +128,17 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     with clock.stage("open_and_check"):
         opened, out = open_merge_inputs(recipe, out, overwrite)
     score = _score(recipe)
-    norms_per_input, calib_record = [None] * len(recipe.models), None
-    if _reads_activations(recipe):
+    norms_per_input, aim_stats, calib_record = [None] * len(recipe.models), None, None
+    if _reads_activations(recipe) or recipe.aim is not None:
         with clock.stage("activations"):
-            norms_per_input, calib_record = _activations(recipe, opened, device, progress, low_memory)
+            norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory)
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
     digests[None] = hashing.submit(input_digests, opened.base_dir)
     try:
         with staged_output(out, overwrite) as tmp:
             with clock.stage("merge_and_write"):
-                per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, tmp, max_shard_size,
+                per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size,
                                                        progress)
             _write_config_and_tokenizer(recipe, opened.base_dir, tmp, _out_dtype(recipe) or _dtype_of(opened.base))
             record = {
@@ -216,9 +221,10 @@ def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
 
 
 def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
-                 low_memory: bool | None) -> tuple[list[dict[str, InputNorms]], dict]:
+                 low_memory: bool | None) -> tuple[list, dict[str, InputNorms] | None, dict]:
     """Input norms of every linear map, per input model: through the base (default) or each fine-tune,
-    on the top-level calibration or the model's own (one pass per distinct model and data)."""
+    on the top-level calibration or the model's own (one pass per distinct model and data); and for AIM
+    the base's statistics on the top-level calibration."""
     streamed = None
     if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
         streamed = StreamedModel(opened.base_dir, dtype="float32")
@@ -235,21 +241,27 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
                                              vocab_size=model.config.vocab_size)
         return drawn[key]
 
-    grams = _needs_grams(recipe)
+    grams, aim = _needs_grams(recipe), recipe.aim is not None
 
     def collect(calib: Calibration, loader=None):
         return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
-                                   progress=progress, loader=loader, grams=grams)
+                                   progress=progress, loader=loader, grams=grams, abs_sums=aim)
 
-    if recipe.sparsify is None or recipe.sparsify.activations == "base":
-        through_base: dict[str, dict[str, InputNorms]] = {}
-        for calib in calibs:
-            if calib.model_dump_json() not in through_base:
-                through_base[calib.model_dump_json()] = collect(calib, streamed.loader(device) if streamed else None)
-        norms = [through_base[calib.model_dump_json()] for calib in calibs]
+    through_base: dict[str, dict[str, InputNorms]] = {}
+
+    def base_stats(calib: Calibration) -> dict[str, InputNorms]:
+        if calib.model_dump_json() not in through_base:
+            through_base[calib.model_dump_json()] = collect(calib, streamed.loader(device) if streamed else None)
+        return through_base[calib.model_dump_json()]
+
+    if not _reads_activations(recipe):  # only AIM reads them
+        norms = [None] * len(calibs)
+    elif recipe.sparsify is None or recipe.sparsify.activations == "base":
+        norms = [base_stats(calib) for calib in calibs]
     else:
         norms = _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect)
-    return norms, _calibration_record(recipe, calibs, windows_of, streamed is not None)
+    aim_stats = base_stats(recipe.calibration or Calibration()) if aim else None
+    return norms, aim_stats, _calibration_record(recipe, calibs, windows_of, streamed is not None)
 
 
 def _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect) -> list:
@@ -304,8 +316,8 @@ def finetuned_tensor(source, name: str, base_tensor: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------- tensor by tensor
 
 
-def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: list, tmp: Path,
-                   max_shard_size: str, progress: bool) -> tuple[dict, dict]:
+def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: list, aim_stats: dict | None,
+                   tmp: Path, max_shard_size: str, progress: bool) -> tuple[dict, dict]:
     """Merge every tensor of the base into the output shards; the per-tensor record and the fallbacks."""
     compute_dtype, out_dtype = torch_dtype(recipe.dtype), _out_dtype(recipe)
     generator = torch.Generator().manual_seed(recipe.calibration.seed if recipe.calibration else 0)
@@ -315,14 +327,16 @@ def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: li
     per_tensor: dict[str, dict] = {}
     fallbacks: dict[str, str] = {}
     for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
-        tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype)
+        tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype,
+                            (aim_stats or {}).get(name))
         if tensor.in_blocks():
             result, changed = tensor.merge_in_blocks(writer, out_dtype)
         else:
             result, changed = tensor.merge_whole(writer, out_dtype, generator)
         if result.fallback_reason:
             fallbacks[name] = result.fallback_reason
-        per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed}
+        per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed,
+                            **({"aim": True} if tensor.aim is not None else {})}
     writer.close()
     return per_tensor, fallbacks
 
@@ -331,8 +345,10 @@ class _TensorJob:
     """One tensor's merge: its plan (every parameter at the tensor's layer position), and the two ways to
     carry it out, whole or block of rows by block of rows."""
 
-    def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype):
+    def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype,
+                 aim: InputNorms | None = None):
         self.recipe, self.opened, self.name = recipe, opened, name
+        self.aim = aim  # the base's input statistics of this linear map, when AIM relaxes it
         self.method: MergeMethod = get_method(recipe.merge_method)
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
         shape = tuple(opened.base.shape(name))
@@ -350,6 +366,8 @@ class _TensorJob:
         shape = self.opened.base.shape(self.name)
         if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed:
             return False
+        if self.aim is not None and self.aim.transposed:
+            return False
         dtypes = [self.dtype, TORCH_DTYPES.get(self.opened.base.dtype(self.name), torch.int64)]
         for entry in self.recipe.models:
             source = self.opened.inputs[entry.model]
@@ -366,7 +384,7 @@ class _TensorJob:
             result = replace(result, tensor=result.tensor.T.contiguous())
         else:
             result = merge_with_plan(self.plan, base_tensor, finetuned, generator)
-        merged = result.tensor
+        merged = self.relaxed(base_tensor, result.tensor)
         changed = (merged != base_tensor).float().mean().item() if self.method.on == "deltas" else None
         writer.add(self.name, merged.to(out_dtype) if out_dtype else merged)
         return result, changed
@@ -393,11 +411,22 @@ class _TensorJob:
         def pieces():
             nonlocal changed
             for merged, base_block in blocks:
+                merged = self.relaxed(base_block, merged)
                 changed += int((merged != base_block).sum())
                 yield merged.to(out_dtype) if out_dtype else merged
 
         writer.add_chunks(name, pieces())
         return result, (torch.tensor(changed, dtype=torch.float32) / math.prod(base.shape(name))).item()
+
+
+    def relaxed(self, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """AIM's post-pass on this tensor (or a block of its rows), where it applies; else ``merged``."""
+        if self.aim is None:
+            return merged
+        omega = self.recipe.aim.omega
+        if self.aim.transposed:  # Conv1D, stored (in, out)
+            return aim_relax(base.T, merged.T, self.aim.abs_sums, omega).T.contiguous()
+        return aim_relax(base, merged, self.aim.abs_sums, omega)
 
 
 def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
