@@ -45,7 +45,8 @@ class Condition(BaseModel):
 ParameterSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
 
 MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
-GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge")  # alpha, ridge: RegMean
+# alpha, ridge: RegMean; election: TIES' sign election (sum or activation)
+GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election")
 NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge")
 
 
@@ -220,8 +221,15 @@ class MergeRecipe(_WithParameters):
 
     def asks_gram_rescale(self) -> bool:
         """Whether any tensor's ``rescale`` is ``"gram"`` (the calibration pass then collects input Grams)."""
-        setting = (self.parameters or {}).get("rescale")
-        return setting is not None and "gram" in _leaf_values(setting)
+        return self._asks("rescale", "gram")
+
+    def asks_activation_election(self) -> bool:
+        """Whether any tensor's sign ``election`` is ``"activation"`` (the pass then collects input norms)."""
+        return self._asks("election", "activation")
+
+    def _asks(self, parameter: str, value) -> bool:
+        setting = (self.parameters or {}).get(parameter)
+        return setting is not None and value in _leaf_values(setting)
 
     @model_validator(mode="after")
     def consistent(self):
@@ -235,11 +243,14 @@ class MergeRecipe(_WithParameters):
         score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
         method = MERGE_METHODS[self.merge_method]
         reads = ((score and SPARSIFIERS[score].needs_input_norms) or method.needs_grams or method.needs_norms
-                 or self.asks_gram_rescale())
+                 or self.asks_gram_rescale() or self.asks_activation_election())
         if own and not reads:
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
                              f"and data-aware methods use, and merge_method {self.merge_method!r} with score "
                              f"{score!r} reads none; set sparsify.score: wanda, use regmean, or remove it")
+        if self.asks_activation_election() and MERGE_METHODS[self.merge_method].consensus != "ties":
+            raise ValueError(f"election: activation weighs the votes of a sign election, and merge_method "
+                             f"{self.merge_method!r} elects no sign; use ties, dare_ties, della or breadcrumbs_ties")
         if self.aim is not None and not self.base_model:
             raise ValueError("aim relaxes the merged update against the base: set base_model")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":

@@ -186,7 +186,12 @@ def _reads_activations(recipe: MergeRecipe) -> bool:
     """Whether the sparsifier needs input norms, or the method or the rescale input Grams (a calibration pass)."""
     score = _score(recipe)
     return ((score is not None and get_sparsifier(score).needs_input_norms) or _needs_grams(recipe)
-            or get_method(recipe.merge_method).needs_norms)
+            or _needs_norms(recipe))
+
+
+def _needs_norms(recipe: MergeRecipe) -> bool:
+    """Whether the method or the sign election reads each model's input norms (beyond the sparsifier)."""
+    return get_method(recipe.merge_method).needs_norms or recipe.asks_activation_election()
 
 
 def _needs_grams(recipe: MergeRecipe) -> bool:
@@ -451,8 +456,9 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         rescale=resolve("rescale", (params,), name, t),
         gamma=None if all(g is None for g in gammas) else gammas,
         epsilon=None if all(e is None for e in epsilons) else epsilons,
-        input_sq_norms=[n.sq_norms for n in norms] if (row and row.needs_input_norms or method.needs_norms)
+        input_sq_norms=[n.sq_norms for n in norms] if (row and row.needs_input_norms or _needs_norms(recipe))
         and None not in norms else None,
+        election=resolve("election", (params,), name, t),
         input_grams=[n.gram for n in norms] if _needs_grams(recipe) and None not in norms else None,
         alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t), linear_map=linear_map,
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)

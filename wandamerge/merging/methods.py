@@ -96,6 +96,21 @@ def ties_combine(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool)
     return disjoint_merge(weighted, weights, agreement_mask(weighted, elect_sign(weighted)), normalize)
 
 
+def activation_votes(weighted: torch.Tensor, input_sq_norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each fine-tune's vote in the sign election weighted by its own input activity: ``w_i delta_i,j *
+    ||X_i,j||`` for a stack ``(n, out, in)`` and one ``(in,)`` vector of ``sum x_j^2`` per fine-tune."""
+    scale = torch.stack([n.to(weighted) for n in input_sq_norms]).clamp_min(0).sqrt()
+    return weighted * scale[:, None, :]
+
+
+def activation_ties_combine(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool,
+                            input_sq_norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES with the sign elected by :func:`activation_votes`: a task whose inputs use channel j more
+    weighs more in the sign of column j; the kept entries and the disjoint mean are TIES' own."""
+    sign = elect_sign(activation_votes(weighted, input_sq_norms))
+    return disjoint_merge(weighted, weights, agreement_mask(weighted, sign), normalize)
+
+
 def exclusive_combine(weighted: torch.Tensor, weights: torch.Tensor, input_sq_norms: Sequence | None = None
                       ) -> torch.Tensor:
     """OBIM's exclusive assignment: each entry takes the weighted delta of the one fine-tune with the
@@ -356,12 +371,31 @@ def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, o
     return get_method(spec.fallback), None, {}, why
 
 
+ELECTIONS = ("sum", "activation")
+
+
+def _election_plan(spec: MergeMethod, shape: tuple[int, ...], election: str | None, norms: list
+                   ) -> tuple[dict, str | None]:
+    """TIES' sign election: ``sum`` (mergekit's) or ``activation`` (:func:`activation_votes`), which needs
+    every fine-tune's input norms of a matrix; without them the summed mass elects and the reason says so."""
+    if election is None or election == "sum":
+        return {}, None
+    if election not in ELECTIONS:
+        raise ConfigError(f"election {election!r} is not one of {', '.join(ELECTIONS)}")
+    if spec.consensus != "ties":
+        raise ConfigError(f"election applies to TIES-style methods (a sign election), not {spec.name}")
+    if len(shape) == 2 and norms and all(v is not None and tuple(v.shape) == (shape[1],) for v in norms):
+        return {"election": "activation"}, None
+    return {}, "the activation election needs every fine-tune's input norms of a matrix: elected by the summed mass"
+
+
 def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[float] | float,
                densities: Sequence[float] | float | None = None, *, score: str | None = None,
                lambda_: float | None = None, normalize: bool | None = None, rescale: Rescale | None = None,
                gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
                pattern: str | None = None, input_grams=None, alpha: float | None = None,
-               ridge: float | None = None, linear_map: bool | None = None) -> MergePlan:
+               ridge: float | None = None, linear_map: bool | None = None,
+               election: str | None = None) -> MergePlan:
     """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
@@ -387,6 +421,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
         return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
     applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge},
                                               linear_map)
+    election_options, election_why = _election_plan(applied, tuple(shape), election, norms)
+    options, why = {**options, **election_options}, "; ".join(r for r in (why, election_why) if r) or None
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
     if grams is None and rescale == "gram" and input_grams is not None and len(shape) == 2:
@@ -469,6 +505,8 @@ def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: tor
         del delta
     if spec.needs_grams or spec.needs_norms:  # the whole matrix at once (one solve; the norms of its columns)
         mixed = spec.combine(weighted, weights, normalize, grams, options, input_sq_norms)
+    elif (options or {}).get("election") == "activation":
+        mixed = activation_ties_combine(weighted, weights, normalize, input_sq_norms)
     else:
         mixed = _combine_in_chunks(spec, weighted, weights, normalize)
     del weighted
@@ -501,7 +539,7 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
                  epsilon: Sequence[float] | float | None = None,
                  input_sq_norms: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                  group: str | None = None, pattern: str | None = None, input_grams=None,
-                 alpha: float | None = None, ridge: float | None = None,
+                 alpha: float | None = None, ridge: float | None = None, election: str | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge the fine-tuned versions of one tensor into ``base``; returns a
     tensor of ``base``'s shape and dtype. Inputs are not modified.
@@ -521,18 +559,22 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
     order. ``input_grams`` (one ``(in, in)`` input Gram per fine-tune, the mean
     of ``x x^T`` over its calibration tokens), ``alpha`` and ``ridge`` are
     RegMean's (:mod:`.regmean`); without Grams it merges by its fallback and
-    :func:`merge_tensor_detailed` says so. Options that the chosen method or
-    sparsifier does not use raise ``ValueError`` rather than being ignored.
+    :func:`merge_tensor_detailed` says so. ``election="activation"`` (TIES-style
+    methods) weighs each fine-tune's sign vote by its own input activity
+    (:func:`activation_votes`, needs per-fine-tune ``input_sq_norms``). Options
+    that the chosen method or sparsifier does not use raise ``ValueError``
+    rather than being ignored.
     """
     return merge_tensor_detailed(method, base, finetuned, weights, densities, score=score, lambda_=lambda_,
                                  normalize=normalize, rescale=rescale, gamma=gamma, epsilon=epsilon,
                                  input_sq_norms=input_sq_norms, group=group, pattern=pattern,
-                                 input_grams=input_grams, alpha=alpha, ridge=ridge, generator=generator).tensor
+                                 input_grams=input_grams, alpha=alpha, ridge=ridge, election=election,
+                                 generator=generator).tensor
 
 
 __all__ = [
     "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
-    "agreement_mask", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
+    "activation_ties_combine", "activation_votes", "agreement_mask", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
     "merge_tensor_detailed", "merge_with_plan", "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]
