@@ -133,3 +133,19 @@ def linear_inputs(model_dir, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     for h in handles:
         h.remove()
     return seen
+
+
+def saved_family(tmp_path, arch: str = "llama", finetunes: int = 2) -> list:
+    """A saved tiny base (first) and its seeded fine-tunes, as transformers directories."""
+    base = tiny_model(arch)
+    return [save(base, tmp_path / "base")] + [save(finetune_of(base, seed=i), tmp_path / f"ft{i}")
+                                              for i in range(1, finetunes + 1)]
+
+
+def own_calibration_windows(tmp_path, count: int, seed: int) -> list:
+    """``count`` token files ``calib{i}.pt`` of 3 x 12 windows: one calibration per fine-tune."""
+    gen = torch.Generator().manual_seed(seed)
+    windows = [torch.randint(3, VOCAB, (3, 12), generator=gen) for _ in range(count)]
+    for i, w in enumerate(windows):
+        torch.save(w, tmp_path / f"calib{i}.pt")
+    return windows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, finetune_of, linear_inputs, save, tensors, tiny_model
+from conftest import VOCAB, linear_inputs, saved_family, tensors
 from wandamerge.jobs.merge import merge
 from wandamerge.merging.aim import aim_factors, aim_relax
 from wandamerge.recipe import RecipeError, parse_recipe
@@ -23,9 +23,7 @@ def test_aim_by_hand():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_aim_shrinks_each_linear_maps_update_by_the_bases_mean_abs_activation(arch, tmp_path):
-    base_model = tiny_model(arch)
-    paths = [save(base_model, tmp_path / "base")] + [save(finetune_of(base_model, seed=i), tmp_path / f"ft{i}")
-                                                     for i in (1, 2)]
+    paths = saved_family(tmp_path, arch)
     windows = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     torch.save(windows, tmp_path / "calib.pt")
     record = merge(parse_recipe({

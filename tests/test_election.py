@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, finetune_of, linear_inputs, save, tensors, tiny_model
+from conftest import linear_inputs, own_calibration_windows, saved_family, tensors
 from wandamerge.jobs.merge import merge
 from wandamerge.merging.methods import merge_tensor, merge_tensor_detailed
 from wandamerge.recipe import RecipeError, parse_recipe
@@ -30,13 +30,8 @@ def test_activation_election_by_hand():
 
 
 def test_activation_election_end_to_end_with_each_models_own_data(tmp_path):
-    base_model = tiny_model("llama")
-    paths = [save(base_model, tmp_path / "base")] + [save(finetune_of(base_model, seed=i), tmp_path / f"ft{i}")
-                                                     for i in (1, 2)]
-    gen = torch.Generator().manual_seed(6)
-    windows = [torch.randint(3, VOCAB, (3, 12), generator=gen) for _ in range(2)]
-    for i, w in enumerate(windows):
-        torch.save(w, tmp_path / f"calib{i}.pt")
+    paths = saved_family(tmp_path)
+    windows = own_calibration_windows(tmp_path, 2, seed=6)
     merge(parse_recipe({
         "merge_method": "ties", "base_model": str(paths[0]), "parameters": {"election": "activation"},
         "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5},

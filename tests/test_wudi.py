@@ -53,13 +53,11 @@ def test_one_task_vector_is_its_own_merge_and_zeros_are_ignored():
 def test_wudi_merges_each_linear_map_as_out_by_in_and_sums_the_rest(arch, tmp_path):
     """End to end: every block linear (GPT-2's Conv1D turned to (out, in) and back) is WUDI of its task
     vectors; every other tensor is their sum (task arithmetic), and the record says which."""
-    from conftest import finetune_of, save, tensors, tiny_model
+    from conftest import saved_family, tensors
     from wandamerge.jobs.merge import merge
     from wandamerge.recipe import parse_recipe
 
-    base_model = tiny_model(arch)
-    paths = [save(base_model, tmp_path / "base")] + [save(finetune_of(base_model, seed=i), tmp_path / f"ft{i}")
-                                                     for i in (1, 2)]
+    paths = saved_family(tmp_path, arch)
     record = merge(parse_recipe({"merge_method": "wudi", "base_model": str(paths[0]), "parameters": {"lambda": 0.8},
                                  "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths[1:]]}),
                    tmp_path / "out", progress=False)

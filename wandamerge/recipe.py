@@ -242,7 +242,8 @@ class MergeRecipe(_WithParameters):
         own = [m.model for m in self.models if m.calibration is not None]
         score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
         method = MERGE_METHODS[self.merge_method]
-        reads = ((score and SPARSIFIERS[score].needs_input_norms) or method.needs_grams or method.needs_norms
+        reads = ((score and (SPARSIFIERS[score].needs_input_norms or SPARSIFIERS[score].needs_grams))
+                 or method.needs_grams or method.needs_norms
                  or self.asks_gram_rescale() or self.asks_activation_election())
         if own and not reads:
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "

@@ -195,7 +195,10 @@ def _needs_norms(recipe: MergeRecipe) -> bool:
 
 
 def _needs_grams(recipe: MergeRecipe) -> bool:
-    return get_method(recipe.merge_method).needs_grams or recipe.asks_gram_rescale()
+    """Whether the method, the sparsifier or the rescale reads each model's input Grams."""
+    score = _score(recipe)
+    return (get_method(recipe.merge_method).needs_grams or recipe.asks_gram_rescale()
+            or (score is not None and get_sparsifier(score).needs_grams))
 
 
 def _score(recipe: MergeRecipe) -> str | None:

@@ -425,9 +425,10 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     options, why = {**options, **election_options}, "; ".join(r for r in (why, election_why) if r) or None
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
     rescale = spec.rescale if rescale is None else rescale
-    if grams is None and rescale == "gram" and input_grams is not None and len(shape) == 2:
-        grams = _grams_per_model(input_grams, n)  # the kept entries' least-squares scale
     requested = spec.score if score is None else score
+    sparsifier_grams = requested is not None and get_sparsifier(requested).needs_grams
+    if grams is None and (rescale == "gram" or sparsifier_grams) and input_grams is not None and len(shape) == 2:
+        grams = _grams_per_model(input_grams, n)  # the kept entries' least-squares scale, or the OBS sweep
     if requested is None:
         unused = [k for k, v in extras.items() if v is not None] + (["densities < 1"] if min(densities) < 1 else [])
         if unused:
@@ -437,7 +438,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     else:
         trims = [plan_sparsify(requested, tuple(shape), density=densities[i], rescale=rescale,
                                input_sq_norms=norms[i], group=group, pattern=pattern, gamma=gammas[i],
-                               epsilon=epsilons[i]) for i in range(n)]
+                               epsilon=epsilons[i], has_gram=grams is not None and grams[i] is not None)
+                 for i in range(n)]
     return MergePlan(applied, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims,
                      grams, options, why)
 

@@ -48,6 +48,7 @@ from typing import Callable, Literal, Union
 import torch
 
 from ..core.scores import wanda_score
+from ..core.sparsegpt import sparsegpt_prune
 from ..core.selection import (GROUPS, as_rows, check_density, check_group, keep_count, keep_n_of_m, keep_per_row,
                               keep_per_tensor, order_most_first, parse_pattern, rank_key)
 from ..errors import ConfigError, lookup
@@ -303,6 +304,7 @@ class Sparsifier:
     options: frozenset[str] = frozenset()
     needs_input_norms: bool = False
     stochastic: bool = False
+    needs_grams: bool = False  # an ``fn`` row that takes ``gram=``, the input Gram of the tensor's map
     score: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor] | None = None
     select: Callable[..., "Selection | None"] | None = None
     fn: Callable[..., torch.Tensor] | None = None
@@ -331,10 +333,10 @@ def register_selection(name: str, *, score, options: tuple[str, ...] = (), needs
 
 
 def register_sparsifier(name: str, *, options: tuple[str, ...] = (), needs_input_norms: bool = False,
-                        stochastic: bool = False):
+                        stochastic: bool = False, needs_grams: bool = False):
     """Decorator: register a sparsifier that is a function of the whole delta (see :class:`Sparsifier`)."""
     def decorate(fn):
-        _register(Sparsifier(name, frozenset(options), needs_input_norms, stochastic, fn=fn,
+        _register(Sparsifier(name, frozenset(options), needs_input_norms, stochastic, needs_grams, fn=fn,
                              doc=(fn.__doc__ or "").strip()))
         return fn
     return decorate
@@ -344,15 +346,20 @@ def get_sparsifier(name: str) -> Sparsifier:
     return lookup(SPARSIFIERS, "sparsifier", name)
 
 
-def resolve_sparsifier(name: str, delta_shape: tuple[int, ...], input_sq_norms: torch.Tensor | None
-                       ) -> tuple[Sparsifier, str | None]:
+def resolve_sparsifier(name: str, delta_shape: tuple[int, ...], input_sq_norms: torch.Tensor | None,
+                       has_gram: bool = False) -> tuple[Sparsifier, str | None]:
     """The sparsifier that really applies to a delta of this shape, and why it
     differs from ``name`` (``None`` when it does not).
 
-    A sparsifier that needs input norms falls back to ``magnitude`` for a tensor
-    that is not a matrix or when no norms are given.
+    A sparsifier that needs input norms (or an input Gram) falls back to
+    ``magnitude`` for a tensor that is not a matrix or when none are given.
     """
     chosen = get_sparsifier(name)
+    if chosen.needs_grams:
+        if len(delta_shape) != 2:
+            return SPARSIFIERS["magnitude"], f"{name} needs a matrix, got shape {tuple(delta_shape)}"
+        if not has_gram:
+            return SPARSIFIERS["magnitude"], f"{name} needs the input Gram of a linear map and none was given"
     if chosen.needs_input_norms:
         if len(delta_shape) != 2:
             return SPARSIFIERS["magnitude"], f"{name} needs a matrix, got shape {tuple(delta_shape)}"
@@ -380,13 +387,16 @@ class SparsifyPlan:
         """The sparsified delta (``delta`` itself where nothing is dropped); ``gram``: the input Gram a
         ``"gram"`` rescale fits (any sparsifier: its kept entries, then the least-squares scale)."""
         if rescale_mode(rescale) == "gram":
-            kept = self.apply(delta, density, False, generator, input_sq_norms)
-            return kept if kept is delta else mask_and_rescale(delta, kept != 0, density, "gram", gram)
+            kept = self.apply(delta, density, False, generator, input_sq_norms, gram)
+            if kept is delta or gram is None or delta.ndim != 2 or tuple(gram.shape) != (delta.shape[1],) * 2:
+                return kept
+            return kept * gram_scale(delta, kept, gram)
         row = self.sparsifier
         if row.fn is not None:
             options = {k: self.options.get(k) for k in OPTION_NAMES}
+            extra = {"gram": gram} if row.needs_grams else {}
             return row.fn(delta, density=density, rescale=rescale, generator=generator,
-                          input_sq_norms=input_sq_norms, **options)
+                          input_sq_norms=input_sq_norms, **options, **extra)
         selection = self.selection(tuple(delta.shape), density)
         if selection is None:
             return delta
@@ -395,7 +405,7 @@ class SparsifyPlan:
 
 def plan_sparsify(name: str, shape: tuple[int, ...], *, density: float, rescale: Rescale,
                   input_sq_norms: torch.Tensor | None, group: str | None = None, pattern: str | None = None,
-                  gamma: float | None = None, epsilon: float | None = None) -> SparsifyPlan:
+                  gamma: float | None = None, epsilon: float | None = None, has_gram: bool = False) -> SparsifyPlan:
     """:func:`sparsify`'s checks and choices for a delta of ``shape``, before any tensor is touched."""
     check_density(density)
     rescale_mode(rescale)
@@ -403,7 +413,7 @@ def plan_sparsify(name: str, shape: tuple[int, ...], *, density: float, rescale:
         raise ConfigError(f"group {group!r} is not one of {GROUPS}")
     if pattern is not None:
         parse_pattern(pattern)
-    chosen, reason = resolve_sparsifier(name, shape, input_sq_norms)
+    chosen, reason = resolve_sparsifier(name, shape, input_sq_norms, has_gram)
     given = {"group": group, "pattern": pattern, "gamma": gamma, "epsilon": epsilon}
     refused = [key for key, value in given.items() if value is not None and key not in chosen.options]
     if refused:
@@ -480,3 +490,15 @@ def _della(delta, *, density, rescale, generator, epsilon, **_):
     """Random drop with keep probability rising with the |delta| rank in the row."""
     return della_magprune(delta, density, DEFAULT_EPSILON if epsilon is None else epsilon, generator=generator,
                           rescale=rescale)
+
+
+@register_sparsifier("sparsegpt", options=("pattern",), needs_grams=True)
+def _sparsegpt(delta, *, density, rescale, gram, pattern=None, **_):
+    """SparseGPT's OBS sweep on the delta against the task's input Gram: dropped entries' output error is
+    moved onto the kept ones, so ``delta X`` is kept as well as the density allows (DeltaZip's idea).
+    The sweep refits the kept entries itself: of the rescales only ``gram`` applies (``l1``, ``density``
+    and the others are for masks that keep entries as they were)."""
+    if density >= 1.0 and pattern is None:
+        return delta
+    n, m = parse_pattern(pattern) if pattern is not None else (0, 0)
+    return sparsegpt_prune(delta, gram, sparsity=0.0 if n else 1.0 - density, n=n, m=m)[0]
