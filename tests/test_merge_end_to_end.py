@@ -158,6 +158,7 @@ def test_regmean_solves_each_linear_from_its_tasks_grams_and_averages_the_rest(f
             torch.testing.assert_close(got[name], base[name] + 1.5 * mean, rtol=0, atol=1e-6, msg=name)
             assert "merged by task_arithmetic" in record["fallbacks"][name]
     assert record["calibration"]["per_model"][str(family["ft1"])]["windows"] == [3, 12]
+    assert [p.name for p in out.parent.iterdir() if "grams" in p.name] == []  # the spilled Grams are gone
 
 
 def test_gram_rescale_collects_each_models_grams_in_the_calibration_pass(family, tmp_path):

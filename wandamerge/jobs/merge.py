@@ -24,8 +24,10 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,8 +66,11 @@ class InputNorms:
 
     sq_norms: torch.Tensor  # (in_features,) sum over tokens of x_j ** 2
     transposed: bool  # the stored tensor is (in, out), as GPT-2's Conv1D
-    gram: torch.Tensor | None = None  # (in, in) mean over tokens of x x^T, when a method asked for it
+    gram_file: Path | None = None  # (in, in) mean over tokens of x x^T, when asked for: kept on disk
     abs_sums: torch.Tensor | None = None  # (in_features,) sum over tokens of |x_j|, for AIM
+
+    def load_gram(self) -> torch.Tensor | None:
+        return None if self.gram_file is None else torch.load(self.gram_file, weights_only=True)
 
 
 @dataclass
@@ -81,10 +86,12 @@ class MergeInputs:
 
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
-                        progress: bool = True, loader=None, grams: bool = False,
+                        progress: bool = True, loader=None, grams: Path | None = None,
                         abs_sums: bool = False) -> dict[str, InputNorms]:
-    """``sum x_j^2`` of the inputs of every decoder linear map (and with ``grams`` the mean of ``x x^T``),
-    keyed by its weight's tensor name.
+    """``sum x_j^2`` of the inputs of every decoder linear map, keyed by its weight's tensor name; with
+    ``grams`` (a folder) also the mean of ``x x^T``, written there one file per map so that memory holds
+    one map's Gram at a time (a model's Grams can be several times its size), and with ``abs_sums``
+    the sum of ``|x_j|``.
 
     The visitor changes nothing, so every map sees the unmodified model's activations.
     ``loader``: where the blocks come from (a :class:`~wandamerge.loaders.StreamedModel`'s
@@ -94,11 +101,15 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
     norms: dict[str, InputNorms] = {}
 
     def visit(index, linear, stats):
-        gram = (stats.gram / max(stats.tokens, 1)).cpu() if grams else None
-        norms[f"{prefix}.{index}.{linear.name}.weight"] = InputNorms(
-            stats.sq_norms.cpu(), linear.transposed, gram, stats.abs_sums.cpu() if abs_sums else None)
+        name = f"{prefix}.{index}.{linear.name}.weight"
+        gram_file = None
+        if grams is not None:
+            gram_file = grams / f"{name}.pt"
+            torch.save((stats.gram / max(stats.tokens, 1)).cpu(), gram_file)
+        norms[name] = InputNorms(stats.sq_norms.cpu(), linear.transposed, gram_file,
+                                 stats.abs_sums.cpu() if abs_sums else None)
 
-    needs = {NORMS} | ({GRAM} if grams else set()) | ({ABS} if abs_sums else set())
+    needs = {NORMS} | ({GRAM} if grams is not None else set()) | ({ABS} if abs_sums else set())
     blockwise_pass(model, windows, visit, needs=needs, device=device,
                    batch_size=batch_size,
                    within_block="sequential" if batch_size is None else "parallel", progress=progress,
@@ -129,9 +140,14 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
         opened, out = open_merge_inputs(recipe, out, overwrite)
     score = _score(recipe)
     norms_per_input, aim_stats, calib_record = [None] * len(recipe.models), None, None
+    cleanup = ExitStack()  # the folder of input Grams, beside the output, removed at the end
+    spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}-grams-", dir=out.parent))) \
+        if _needs_grams(recipe) else None
     if _reads_activations(recipe) or recipe.aim is not None:
-        with clock.stage("activations"):
-            norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory)
+        with clock.stage("activations"), cleanup.pop_all() as on_error:  # the folder goes if the pass fails
+            norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory,
+                                                                    spill)
+            cleanup = on_error.pop_all()
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
     digests[None] = hashing.submit(input_digests, opened.base_dir)
@@ -156,6 +172,7 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
             (tmp / "README.md").write_text(merge_card(recipe, recipe_text, record))
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
+        cleanup.close()
     return record
 
 
@@ -229,10 +246,11 @@ def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
 
 
 def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
-                 low_memory: bool | None) -> tuple[list, dict[str, InputNorms] | None, dict]:
+                 low_memory: bool | None, spill: Path | None = None
+                 ) -> tuple[list, dict[str, InputNorms] | None, dict]:
     """Input norms of every linear map, per input model: through the base (default) or each fine-tune,
     on the top-level calibration or the model's own (one pass per distinct model and data); and for AIM
-    the base's statistics on the top-level calibration."""
+    the base's statistics on the top-level calibration. ``spill``: the folder input Grams are kept in."""
     streamed = None
     if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
         streamed = StreamedModel(opened.base_dir, dtype="float32")
@@ -249,11 +267,15 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
                                              vocab_size=model.config.vocab_size)
         return drawn[key]
 
-    grams, aim = _needs_grams(recipe), recipe.aim is not None
+    aim, passes = recipe.aim is not None, iter(range(10 ** 6))
 
     def collect(calib: Calibration, loader=None):
+        folder = None
+        if spill is not None:  # one folder of Grams per calibration pass
+            folder = spill / f"pass-{next(passes)}"
+            folder.mkdir()
         return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
-                                   progress=progress, loader=loader, grams=grams, abs_sums=aim)
+                                   progress=progress, loader=loader, grams=folder, abs_sums=aim)
 
     through_base: dict[str, dict[str, InputNorms]] = {}
 
@@ -462,7 +484,7 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         input_sq_norms=[n.sq_norms for n in norms] if (row and row.needs_input_norms or _needs_norms(recipe))
         and None not in norms else None,
         election=resolve("election", (params,), name, t),
-        input_grams=[n.gram for n in norms] if _needs_grams(recipe) and None not in norms else None,
+        input_grams=[n.load_gram() for n in norms] if _needs_grams(recipe) and None not in norms else None,
         alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t), linear_map=linear_map,
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 
