@@ -286,6 +286,17 @@ RECIPE_CASES = {
     "density out of range": ({"merge_method": "ties", "base_model": "b",
                               "models": [{"model": "m", "parameters": {"weight": 1, "density": 1.5}}]},
                              ["density", "(0, 1]"]),
+    "rescale misspelt": ({"merge_method": "ties", "base_model": "b", "parameters": {"rescale": "gramm"},
+                          "models": [{"model": "m"}]}, ["'rescale'", "did you mean 'gram'"]),
+    "election misspelt": ({"merge_method": "ties", "base_model": "b", "parameters": {"election": "activations"},
+                           "models": [{"model": "m"}]}, ["'election'", "did you mean 'activation'"]),
+    "regmean alpha out of range": ({"merge_method": "regmean", "base_model": "b", "parameters": {"alpha": 2},
+                                    "models": [{"model": "m"}]}, ["alpha", "[0, 1]"]),
+    "own calibration unused": ({"merge_method": "ties", "base_model": "b",
+                                "models": [{"model": "m", "calibration": {"data": "wiki"}}]},
+                               ["own calibration", "reads none"]),
+    "aim without a base": ({"merge_method": "linear", "aim": {"omega": 0.4}, "models": [{"model": "m"}]},
+                           ["aim", "base_model"]),
 }
 
 
@@ -568,10 +579,12 @@ def test_merge_with_a_lora_input_leaves_inputs_untouched_and_is_bit_identical(wo
 
 
 REAL_KEYS = ["merge_method", "base_model", "models", "model", "parameters", "weight", "density", "gamma",
-             "epsilon", "lambda", "normalize", "rescale", "int8_mask", "dtype", "out_dtype", "tokenizer_source",
+             "epsilon", "lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election", "aim", "omega",
+             "dtype", "out_dtype", "tokenizer_source",
              "sparsify", "score", "group", "pattern", "activations", "calibration", "data", "nsamples", "seqlen",
              "seed", "batch_size", "filter", "value", "slices"]
-REAL_VALUES = ["ties", "dare_ties", "linear", "task_arithmetic", "wanda", "magnitude", "row", "tensor", "2:4",
+REAL_VALUES = ["ties", "dare_ties", "linear", "task_arithmetic", "regmean", "wudi", "obim", "sparsegpt", "gram",
+               "activation", "wanda", "magnitude", "row", "tensor", "2:4",
                "unstructured", "base", "finetuned", "union", "float32", "bfloat16", "wiki", "*", "mlp"]
 
 

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core.selection import parse_pattern
 from .errors import RecipeError, did_you_mean
 from .io.dtypes import DTYPE_NAMES
-from .merging.methods import MERGE_METHODS
-from .merging.sparsify import SPARSIFIERS
+from .merging.methods import ELECTIONS, MERGE_METHODS
+from .merging.sparsify import RESCALE_MODES, SPARSIFIERS
 
 Scalar = Union[bool, int, float, str]
 
@@ -48,6 +48,11 @@ MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
 # alpha, ridge: RegMean; election: TIES' sign election (sum or activation)
 GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election")
 NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge")
+CHOICE_PARAMETERS = {  # parameters that take one of a few values, checked before any model loads
+    "rescale": (True, False, *RESCALE_MODES),
+    "election": ELECTIONS,
+    "normalize": (True, False),
+}
 
 
 def _short(value, limit: int = 60) -> str:
@@ -99,6 +104,17 @@ def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, An
                     raise ValueError(f"parameter {key!r} in {where} must be a finite number, got {value}")
                 if key == "density" and not 0 < value <= 1:
                     raise ValueError(f"density in {where} must be in (0, 1], got {value}")
+                if key == "alpha" and not 0 <= value <= 1:
+                    raise ValueError(f"alpha in {where} must be in [0, 1], got {value}")
+                if key == "ridge" and value < 0:
+                    raise ValueError(f"ridge in {where} must be >= 0, got {value}")
+        choices = CHOICE_PARAMETERS.get(key)
+        if choices is not None:
+            for value in _leaf_values(setting):
+                if value not in choices:
+                    shown = ", ".join(repr(c) for c in choices)
+                    raise ValueError(f"parameter {key!r} in {where} must be one of {shown}, got {_short(value)}"
+                                     f"{did_you_mean(str(value), [str(c) for c in choices])}")
     return params
 
 
