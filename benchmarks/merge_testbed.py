@@ -102,6 +102,7 @@ METHODS = [  # in the order they are run: the central comparison first
     Method("wudi", "wudi"),  # the strongest published data-free merge (issue 14 compares against it)
     # activation-aware (issue 14): task activations, and RegMean on each task's input Grams
     Method("regmean", "regmean", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
+    Method("regmean_plus", "regmean_plus", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
     Method("ties/wanda-task", "ties", "wanda", data_free=False, calibration="task"),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
 ]

@@ -146,3 +146,78 @@ def test_every_sparsifier_takes_the_gram_rescale_through_the_merge(score):
     torch.testing.assert_close(plain, sum(kept))
     want = sum(k * gram_scale(t, k, g) for k, t, g in zip(kept, taus, grams))
     torch.testing.assert_close(merged("gram"), want)
+
+
+def regmean_plus_by_whole_models(paths, windows, weights, alpha, ridge) -> dict:
+    """Independent reference: for each layer l and task t, a whole model made of the merged layers before l
+    and fine-tune t's layer l runs task t's windows; hooks give the Grams of layer l's maps; layer l is
+    merged (RegMean for its maps, the weighted mean of the task vectors for the rest) into the merged model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from wandamerge.merging.methods import merge_tensor
+
+    base = AutoModelForCausalLM.from_pretrained(paths[0]).eval()
+    fts = [AutoModelForCausalLM.from_pretrained(p).eval() for p in paths[1:]]
+    merged = copy.deepcopy(base)
+    layers = lambda m: m.model.layers  # noqa: E731
+    for index in range(len(layers(base))):
+        grams = []
+        for ft, w in zip(fts, windows):
+            probe = copy.deepcopy(merged)
+            layers(probe)[index].load_state_dict(layers(ft)[index].state_dict())
+            seen, handles = {}, []
+            for name, module in layers(probe)[index].named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    def hook(mod, args, name=name):
+                        x = args[0].reshape(-1, args[0].shape[-1]).double()
+                        seen[name + ".weight"] = (x.T @ x / x.shape[0]).float()
+                    handles.append(module.register_forward_pre_hook(hook))
+            with torch.no_grad():
+                probe(input_ids=w)
+            for h in handles:
+                h.remove()
+            grams.append(seen)
+        state = {}
+        for key, value in layers(base)[index].state_dict().items():
+            finetuned = [layers(ft)[index].state_dict()[key] for ft in fts]
+            if key in grams[0]:
+                state[key] = merge_tensor("regmean", value, finetuned, weights, input_grams=[g[key] for g in grams],
+                                          alpha=alpha, ridge=ridge)
+            else:
+                state[key] = value + sum(wt * (f - value) for wt, f in zip(weights, finetuned)) / sum(weights)
+        layers(merged)[index].load_state_dict(state)
+    return {f"model.layers.{i}.{k}": v for i, layer in enumerate(layers(merged)) for k, v in layer.state_dict().items()}
+
+
+def test_regmean_plus_equals_a_whole_model_reference_and_differs_from_regmean(tmp_path):
+    from conftest import own_calibration_windows, saved_family, tensors
+    from wandamerge.jobs.merge import merge
+    from wandamerge.recipe import parse_recipe
+
+    paths = saved_family(tmp_path, finetunes=3)
+    windows = own_calibration_windows(tmp_path, 3, seed=2)
+
+    def run(method, lam, low_memory=False):
+        merge(parse_recipe({"merge_method": method, "base_model": str(paths[0]),
+                            "parameters": {"alpha": 0.8, "lambda": lam},
+                            "models": [{"model": str(p), "parameters": {"weight": w},
+                                        "calibration": {"data": str(tmp_path / f"calib{i}.pt"), "nsamples": 3,
+                                                        "seqlen": 12}}
+                                       for i, (p, w) in enumerate(zip(paths[1:], [1.0, 0.5, 2.0]))]}),
+              tmp_path / f"{method}-{lam}-{low_memory}", progress=False, low_memory=low_memory)
+        return tensors(tmp_path / f"{method}-{lam}-{low_memory}")
+
+    want = regmean_plus_by_whole_models(paths, windows, [1.0, 0.5, 2.0], alpha=0.8, ridge=1e-4)
+    got, scaled, plain, base = run("regmean_plus", 1.0), run("regmean_plus", 1.5), run("regmean", 1.0), \
+        tensors(paths[0])
+    streamed = run("regmean_plus", 1.0, low_memory=True)  # blocks read one at a time from the shards
+    assert all(torch.equal(streamed[name], got[name]) for name in got)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(scaled[name], base[name] + 1.5 * (value - base[name]), rtol=1e-4, atol=1e-5)
+    # RegMean's Grams come from the base on its own inputs, RegMean++'s from each fine-tune's block on the
+    # merged blocks' outputs: not the same merge
+    later = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.allclose(got[later], plain[later], atol=1e-5)

@@ -108,7 +108,7 @@ def test_the_protocol_chooses_on_validation_although_test_would_choose_otherwise
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "ties/wanda", "task_arithmetic/wanda", "dare_ties",
                                   "dare_linear", "breadcrumbs", "della", "wudi", "ties/wanda-task",
-                                  "regmean", "obim"])
+                                  "regmean", "regmean_plus", "obim"])
 def test_each_lambda_of_the_grid_is_the_lambda_one_merge_scaled(name):
     """The benchmark evaluates lambda as base + lambda * (merge at lambda 1 - base): the library's own
     lambda must give the same tensor, for every method of the testbed (same seed for the random ones)."""

@@ -266,34 +266,40 @@ def _sequential_block(index, block, linears, inputs, visit, needs, timings, devi
     return outputs
 
 
-def _parallel_block(index, block, linears, inputs, visit, needs, timings, device):
-    """Two forwards: statistics from the unpruned block, then outputs of the pruned one."""
+def block_input_stats(block: nn.Module, linears: list[LinearMap], inputs: list[BlockInputs],
+                      needs: set[str]) -> dict[str, InputStats]:
+    """The statistics of every linear map's inputs while ``inputs`` run through ``block`` (unchanged)."""
     totals = {lin.name: InputStats() for lin in linears}
     last = {"x": None, "stats": None}
 
     def make_hook(linear: LinearMap):
         def hook(module, args):
             x = args[0]
-            if last["x"] is not x:
+            if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
                 last["x"], last["stats"] = x, input_stats(x, needs)
             totals[linear.name].add(last["stats"])
         return hook
 
     handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in linears]
-    t0 = time.perf_counter()
     try:
         for batch in inputs:
             _run_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()
-    last["x"] = last["stats"] = None
+    return {name: stats if stats.tokens else _unseen_stats(next(lin for lin in linears if lin.name == name), needs)
+            for name, stats in totals.items()}
+
+
+def _parallel_block(index, block, linears, inputs, visit, needs, timings, device):
+    """Two forwards: statistics from the unpruned block, then outputs of the pruned one."""
+    t0 = time.perf_counter()
+    totals = block_input_stats(block, linears, inputs, needs)
     _sync(device)
     t1 = time.perf_counter()
     for linear in linears:
-        stats = totals[linear.name]
-        check_finite(index, linear, stats)
-        visit(index, linear, stats if stats.tokens else _unseen_stats(linear, needs))
+        check_finite(index, linear, totals[linear.name])
+        visit(index, linear, totals[linear.name])
     _sync(device)
     t2 = time.perf_counter()
     outputs = [_run_block(block, batch) for batch in inputs]
@@ -301,3 +307,29 @@ def _parallel_block(index, block, linears, inputs, visit, needs, timings, device
     timings.forward_s += (t1 - t0) + (time.perf_counter() - t2)
     timings.visit_s += t2 - t1
     return outputs
+
+
+# A per-block step of a pass of several streams: (block index, block, every stream's inputs to the block).
+StreamsStep = Callable[[int, nn.Module, "list[list[BlockInputs]]"], None]
+
+
+def multistream_pass(model: nn.Module, streams: list[torch.Tensor], step: StreamsStep, *,
+                     device: str | torch.device = "cpu", batch_size: int | None = None, progress: bool = True,
+                     desc: str = "blocks", loader: BlockLoader | None = None) -> None:
+    """Several calibration streams (one per task) through the blocks together: at each block, ``step`` sees
+    the block and every stream's inputs to it and may change the block's weights; then every stream runs
+    through the block as ``step`` left it, for the next block (RegMean++: inputs through the merged blocks)."""
+    loader = loader or default_loader(model, device)
+    blocks = decoder_blocks(model)
+    for windows in streams:
+        if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
+            raise ConfigError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
+    with torch.inference_mode():
+        inputs = [catch_first_block_inputs(model, w, loader, batch_size or w.shape[0]) for w in streams]
+        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+            loader.load(index, block)
+            step(index, block, inputs)
+            for stream in inputs:
+                for batch in stream:
+                    batch.hidden = _run_block(block, batch)
+            loader.unload(index, block)

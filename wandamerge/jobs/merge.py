@@ -48,10 +48,10 @@ from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_prefix, load_model, load_tokenizer,
-                      local_model_dir)
+from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_prefix, load_model,
+                      load_tokenizer, local_model_dir)
 from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
-from ..runner import ABS, GRAM, NORMS, blockwise_pass
+from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
 from .merge_inputs import check_compatible, open_inputs
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,11 @@ class InputNorms:
     transposed: bool  # the stored tensor is (in, out), as GPT-2's Conv1D
     gram_file: Path | None = None  # (in, in) mean over tokens of x x^T, when asked for: kept on disk
     abs_sums: torch.Tensor | None = None  # (in_features,) sum over tokens of |x_j|, for AIM
+    gram: torch.Tensor | None = None  # the same Gram in memory (one block's, in a propagated pass)
 
     def load_gram(self) -> torch.Tensor | None:
+        if self.gram is not None:
+            return self.gram
         return None if self.gram_file is None else torch.load(self.gram_file, weights_only=True)
 
 
@@ -143,10 +146,14 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     cleanup = ExitStack()  # the folder of input Grams, beside the output, removed at the end
     spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}-grams-", dir=out.parent))) \
         if _needs_grams(recipe) else None
+    propagate, precomputed = get_method(recipe.merge_method).propagate, {}
     if _reads_activations(recipe) or recipe.aim is not None:
         with clock.stage("activations"), cleanup.pop_all() as on_error:  # the folder goes if the pass fails
-            norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory,
-                                                                    spill)
+            if propagate:
+                precomputed, calib_record = _propagated_merge(recipe, opened, device, progress, spill, low_memory)
+            if not propagate or recipe.aim is not None:
+                norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory,
+                                                                        None if propagate else spill)
             cleanup = on_error.pop_all()
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
@@ -155,7 +162,7 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
         with staged_output(out, overwrite) as tmp:
             with clock.stage("merge_and_write"):
                 per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size,
-                                                       progress)
+                                                       progress, precomputed)
             _write_config_and_tokenizer(recipe, opened.base_dir, tmp, _out_dtype(recipe) or _dtype_of(opened.base))
             record = {
                 "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
@@ -245,18 +252,22 @@ def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
 # ----------------------------------------------------------------------------- activations
 
 
+def _calibration_model(opened: MergeInputs, low_memory: bool | None):
+    """(the streamed base or None, the base model in float32, its tokenizer): streamed block by block from its
+    shards with ``low_memory``, or when ``None`` and the base would take more than half the available RAM."""
+    if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
+        streamed = StreamedModel(opened.base_dir, dtype="float32")
+        return streamed, streamed.model, load_tokenizer(opened.base_dir)
+    return None, *load_model(str(opened.base_dir), dtype="float32")
+
+
 def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
                  low_memory: bool | None, spill: Path | None = None
                  ) -> tuple[list, dict[str, InputNorms] | None, dict]:
     """Input norms of every linear map, per input model: through the base (default) or each fine-tune,
     on the top-level calibration or the model's own (one pass per distinct model and data); and for AIM
     the base's statistics on the top-level calibration. ``spill``: the folder input Grams are kept in."""
-    streamed = None
-    if low_memory or (low_memory is None and should_stream(opened.base_dir, "float32")):
-        streamed = StreamedModel(opened.base_dir, dtype="float32")
-        model, tokenizer = streamed.model, load_tokenizer(opened.base_dir)
-    else:
-        model, tokenizer = load_model(str(opened.base_dir), dtype="float32")
+    streamed, model, tokenizer = _calibration_model(opened, low_memory)
     calibs = [model_calibration(recipe, i) for i in range(len(recipe.models))]
     drawn: dict[str, torch.Tensor] = {}
 
@@ -292,6 +303,52 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
         norms = _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect)
     aim_stats = base_stats(recipe.calibration or Calibration()) if aim else None
     return norms, aim_stats, _calibration_record(recipe, calibs, windows_of, streamed is not None)
+
+
+def _propagated_merge(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool, spill: Path,
+                      low_memory: bool | None = None) -> tuple[dict[str, tuple[Path, MergeResult]], dict]:
+    """RegMean++: block by block, each fine-tune's own block runs on its task's inputs as they come out of the
+    MERGED earlier blocks, giving that task's Grams; the block is merged (every tensor by its plan, at lambda 1)
+    and every task's inputs go on through the merged block. The first block's inputs come from the base's
+    embeddings (as MergeBench). Each merged task vector is written to ``spill``: name -> (file, record)."""
+    streamed, model, tokenizer = _calibration_model(opened, low_memory)
+    calibs = [model_calibration(recipe, i) for i in range(len(recipe.models))]
+    streams = [calibration_windows(c.data, tokenizer, c.nsamples, c.seqlen, seed=c.seed,
+                                   vocab_size=model.config.vocab_size) for c in calibs]
+    prefix, compute_dtype = block_prefix(model), torch_dtype(recipe.dtype)
+    generator = torch.Generator().manual_seed(recipe.calibration.seed if recipe.calibration else 0)
+    merged: dict[str, tuple[Path, MergeResult]] = {}
+
+    def step(index: int, block, inputs: list) -> None:
+        params = dict(block.named_parameters())
+        pristine = {key: value.detach().clone() for key, value in params.items()}
+        linears = block_linears(block)
+        stats = []
+        for entry, stream in zip(recipe.models, inputs):  # each task through its own fine-tune's block
+            source = opened.inputs[entry.model]
+            for key, value in params.items():
+                value.data.copy_(finetuned_tensor(source, f"{prefix}.{index}.{key}", pristine[key]))
+            stats.append(block_input_stats(block, linears, stream, {NORMS, GRAM}))
+        for key, value in params.items():
+            name = f"{prefix}.{index}.{key}"
+            linear = next((lin for lin in linears if f"{lin.name}.weight" == key), None)
+            norms = [None] * len(stats) if linear is None else [
+                InputNorms(s[linear.name].sq_norms.cpu(), linear.transposed,
+                           gram=(s[linear.name].gram / max(s[linear.name].tokens, 1)).cpu()) for s in stats]
+            job = _TensorJob(recipe, opened, name, norms, compute_dtype)
+            result = job.merged(pristine[key].to(job.dtype), generator, replace(job.plan, lambda_=1.0))
+            path = spill / f"{name}.pt"
+            torch.save((result.tensor - pristine[key].to(job.dtype)).cpu(), path)
+            merged[name] = (path, replace(result, tensor=None, lambda_=job.plan.lambda_))
+            value.data.copy_(result.tensor.to(value.dtype))  # the merged block, for the next block's inputs
+
+    multistream_pass(model, streams, step, device=device, progress=progress, desc="regmean++ blocks",
+                     loader=streamed.loader(device) if streamed else None)
+    record = {**(recipe.calibration or Calibration()).model_dump(), "propagated": True,
+              "low_memory": streamed is not None,
+              "per_model": {m.model: {**c.model_dump(), "windows": list(w.shape)}
+                            for m, c, w in zip(recipe.models, calibs, streams)}}
+    return merged, record
 
 
 def _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect) -> list:
@@ -347,7 +404,8 @@ def finetuned_tensor(source, name: str, base_tensor: torch.Tensor) -> torch.Tens
 
 
 def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: list, aim_stats: dict | None,
-                   tmp: Path, max_shard_size: str, progress: bool) -> tuple[dict, dict]:
+                   tmp: Path, max_shard_size: str, progress: bool, precomputed: dict | None = None
+                   ) -> tuple[dict, dict]:
     """Merge every tensor of the base into the output shards; the per-tensor record and the fallbacks."""
     compute_dtype, out_dtype = torch_dtype(recipe.dtype), _out_dtype(recipe)
     generator = torch.Generator().manual_seed(recipe.calibration.seed if recipe.calibration else 0)
@@ -358,7 +416,7 @@ def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: li
     fallbacks: dict[str, str] = {}
     for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
         tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype,
-                            (aim_stats or {}).get(name))
+                            (aim_stats or {}).get(name), (precomputed or {}).get(name))
         if tensor.in_blocks():
             result, changed = tensor.merge_in_blocks(writer, out_dtype)
         else:
@@ -376,9 +434,10 @@ class _TensorJob:
     carry it out, whole or block of rows by block of rows."""
 
     def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype,
-                 aim: InputNorms | None = None):
+                 aim: InputNorms | None = None, precomputed: tuple[Path, MergeResult] | None = None):
         self.recipe, self.opened, self.name = recipe, opened, name
         self.aim = aim  # the base's input statistics of this linear map, when AIM relaxes it
+        self.precomputed = precomputed  # (merged task vector at lambda 1 on disk, its record): RegMean++
         self.method: MergeMethod = get_method(recipe.merge_method)
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
         shape = tuple(opened.base.shape(name))
@@ -394,7 +453,7 @@ class _TensorJob:
     def in_blocks(self) -> bool:
         """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
         shape = self.opened.base.shape(self.name)
-        if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed:
+        if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed or self.precomputed:
             return False
         if self.aim is not None and self.aim.transposed:
             return False
@@ -405,15 +464,22 @@ class _TensorJob:
                 dtypes.append(TORCH_DTYPES.get(source.dtype(self.name), torch.int64))
         return chunked_merge_applies(self.plan, dtypes)
 
-    def merge_whole(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
-        base_tensor = self.opened.base.tensor(self.name).to(self.dtype)
+    def merged(self, base_tensor: torch.Tensor, generator, plan: MergePlan | None = None) -> MergeResult:
+        """The merge of this tensor as ``plan`` (default: its own) says, in the stored layout."""
+        plan = plan or self.plan
         finetuned = [finetuned_tensor(self.opened.inputs[e.model], self.name, base_tensor) for e in self.recipe.models]
         if self.transposed:
-            base_t, finetuned = base_tensor.T, [f.T for f in finetuned]
-            result = merge_with_plan(self.plan, base_t, finetuned, generator)
-            result = replace(result, tensor=result.tensor.T.contiguous())
+            result = merge_with_plan(plan, base_tensor.T, [f.T for f in finetuned], generator)
+            return replace(result, tensor=result.tensor.T.contiguous())
+        return merge_with_plan(plan, base_tensor, finetuned, generator)
+
+    def merge_whole(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
+        base_tensor = self.opened.base.tensor(self.name).to(self.dtype)
+        if self.precomputed is not None:  # a propagated pass merged it at lambda 1: scale its task vector
+            path, done = self.precomputed
+            result = replace(done, tensor=base_tensor + done.lambda_ * torch.load(path, weights_only=True).to(self.dtype))
         else:
-            result = merge_with_plan(self.plan, base_tensor, finetuned, generator)
+            result = self.merged(base_tensor, generator)
         merged = self.relaxed(base_tensor, result.tensor)
         changed = (merged != base_tensor).float().mean().item() if self.method.on == "deltas" else None
         writer.add(self.name, merged.to(out_dtype) if out_dtype else merged)

@@ -186,6 +186,7 @@ class MergeMethod:
     reference: str = ""
     fallback: str | None = None
     linear_maps_only: bool = False
+    propagate: bool = False  # Grams from each task's inputs through the merged earlier blocks (RegMean++)
 
     @property
     def needs_grams(self) -> bool:
@@ -249,6 +250,8 @@ for _row in (
     # normalize: the fallback (task arithmetic) gives the weighted mean, what RegMean gives for equal Grams
     MergeMethod("regmean", "regmean", None, normalize=True, fallback="task_arithmetic", linear_maps_only=True,
                 reference="https://arxiv.org/abs/2212.09849"),
+    MergeMethod("regmean_plus", "regmean", None, normalize=True, fallback="task_arithmetic", linear_maps_only=True,
+                propagate=True, reference="https://arxiv.org/abs/2508.03121"),
     # the official code leaves other tensors at the base; the sum (task arithmetic) is WUDI's own start
     # Wanda's score is the square root of OBS's diagonal saliency, so it ranks entries the same
     MergeMethod("obim", "exclusive", "wanda", normalize=False, reference="https://arxiv.org/abs/2502.12217"),
