@@ -99,10 +99,11 @@ METHODS = [  # in the order they are run: the central comparison first
     Method("dare_linear", "dare_linear", "random", random=True),
     Method("breadcrumbs", "breadcrumbs", "breadcrumbs", params={"gamma": 0.01}),
     Method("della", "della", "della", random=True),
-    Method("wudi", "wudi"),  # the strongest published data-free merge (issue 14 compares against it)
-    # activation-aware (issue 14): task activations, and RegMean on each task's input Grams
+    # activation-aware (issue 14): RegMean on each task's input Grams, task activations; and WUDI, the
+    # strongest published data-free merge, to compare them with (its merge takes minutes: run after)
     Method("regmean", "regmean", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
     Method("regmean_plus", "regmean_plus", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
+    Method("wudi", "wudi"),
     Method("ties/wanda-task", "ties", "wanda", data_free=False, calibration="task"),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
 ]
