@@ -427,14 +427,14 @@ def plot(result: dict, path: Path) -> None:
     left.axvline(1.0, color="black", lw=0.8, ls="--")
     left.set_xlabel("mean normalized test accuracy (merged / own fine-tune), 95% bootstrap interval")
     left.invert_yaxis()
-    bars = [r for r in result["rows"] if "per_task" in r]  # with each task's own fine-tune
+    bars = [r for r in result["rows"] if "per_task" in r and "untuned" not in r["name"]]  # with each own fine-tune
     width = 0.8 / len(bars)
     for k, r in enumerate(bars):
         right.bar([i + k * width for i in range(len(TASKS))], [r["per_task"][t] for t in TASKS], width,
                   label=r["name"], color=plt.cm.tab20(k % 20))
     right.set_xticks([i + 0.4 for i in range(len(TASKS))], TASKS, rotation=30, fontsize=8)
-    right.set_ylabel("test accuracy")
-    right.legend(fontsize=6, ncol=2)
+    right.set_ylabel("test accuracy (tuned rows)")
+    right.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
