@@ -20,6 +20,7 @@ The order of work:
 from __future__ import annotations
 
 import json
+import itertools
 import logging
 import math
 import re
@@ -149,11 +150,12 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
     propagate, precomputed = get_method(recipe.merge_method).propagate, {}
     if _reads_activations(recipe) or recipe.aim is not None:
         with clock.stage("activations"), cleanup.pop_all() as on_error:  # the folder goes if the pass fails
-            if propagate:
+            if propagate:  # RegMean++ merges the blocks in its own pass; a regular pass only for AIM's statistics
                 precomputed, calib_record = _propagated_merge(recipe, opened, device, progress, spill, low_memory)
             if not propagate or recipe.aim is not None:
-                norms_per_input, aim_stats, calib_record = _activations(recipe, opened, device, progress, low_memory,
-                                                                        None if propagate else spill)
+                norms_per_input, aim_stats, record = _activations(recipe, opened, device, progress, low_memory,
+                                                                  None if propagate else spill, aim_only=propagate)
+                calib_record = calib_record or record
             cleanup = on_error.pop_all()
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
@@ -262,11 +264,12 @@ def _calibration_model(opened: MergeInputs, low_memory: bool | None):
 
 
 def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress: bool,
-                 low_memory: bool | None, spill: Path | None = None
+                 low_memory: bool | None, spill: Path | None = None, aim_only: bool = False
                  ) -> tuple[list, dict[str, InputNorms] | None, dict]:
     """Input norms of every linear map, per input model: through the base (default) or each fine-tune,
     on the top-level calibration or the model's own (one pass per distinct model and data); and for AIM
-    the base's statistics on the top-level calibration. ``spill``: the folder input Grams are kept in."""
+    the base's statistics on the top-level calibration. ``spill``: the folder input Grams are kept in;
+    ``aim_only``: AIM's statistics alone (the merge reads its own elsewhere)."""
     streamed, model, tokenizer = _calibration_model(opened, low_memory)
     calibs = [model_calibration(recipe, i) for i in range(len(recipe.models))]
     drawn: dict[str, torch.Tensor] = {}
@@ -278,7 +281,7 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
                                              vocab_size=model.config.vocab_size)
         return drawn[key]
 
-    aim, passes = recipe.aim is not None, iter(range(10 ** 6))
+    aim, passes = recipe.aim is not None, itertools.count()
 
     def collect(calib: Calibration, loader=None):
         folder = None
@@ -295,7 +298,7 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
             through_base[calib.model_dump_json()] = collect(calib, streamed.loader(device) if streamed else None)
         return through_base[calib.model_dump_json()]
 
-    if not _reads_activations(recipe):  # only AIM reads them
+    if aim_only or not _reads_activations(recipe):  # only AIM reads them
         norms = [None] * len(calibs)
     elif recipe.sparsify is None or recipe.sparsify.activations == "base":
         norms = [base_stats(calib) for calib in calibs]

@@ -204,6 +204,8 @@ class MergeMethod:
             return GRAM_COMBINERS[self.consensus](weighted, weights, grams, **(options or {}))
         if self.needs_norms:
             return NORM_COMBINERS[self.consensus](weighted, weights, input_sq_norms)
+        if (options or {}).get("election") == "activation":  # planned for TIES-style methods only
+            return activation_ties_combine(weighted, weights, normalize, input_sq_norms)
         return COMBINERS[self.consensus](weighted, weights, normalize)
 
 
@@ -508,10 +510,8 @@ def combine_deltas(spec: MergeMethod, base_w: torch.Tensor, deltas, weights: tor
     for i, delta in enumerate(deltas):
         torch.mul(delta, weights[i], out=weighted[i])
         del delta
-    if spec.needs_grams or spec.needs_norms:  # the whole matrix at once (one solve; the norms of its columns)
+    if spec.needs_grams or spec.needs_norms or options:  # whole: one solve, or the norms of its columns
         mixed = spec.combine(weighted, weights, normalize, grams, options, input_sq_norms)
-    elif (options or {}).get("election") == "activation":
-        mixed = activation_ties_combine(weighted, weights, normalize, input_sq_norms)
     else:
         mixed = _combine_in_chunks(spec, weighted, weights, normalize)
     del weighted
@@ -579,7 +579,7 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
 
 __all__ = [
     "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
-    "activation_ties_combine", "activation_votes", "agreement_mask", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
-    "merge_tensor_detailed", "merge_with_plan", "plan_merge", "register_method",
+    "activation_ties_combine", "activation_votes", "agreement_mask", "disjoint_merge", "elect_sign",
+    "exclusive_combine", "get_method", "merge_tensor", "merge_tensor_detailed", "merge_with_plan", "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]

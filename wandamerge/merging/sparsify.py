@@ -75,6 +75,11 @@ def rescale_mode(rescale: Rescale) -> str | None:
     raise ConfigError(f"rescale {rescale!r} is not one of False, True, {', '.join(map(repr, RESCALE_MODES))}")
 
 
+def _gram_fits(delta: torch.Tensor, gram: torch.Tensor | None) -> bool:
+    """A Gram ``(in, in)`` for a matrix delta ``(out, in)``."""
+    return gram is not None and delta.ndim == 2 and tuple(gram.shape) == (delta.shape[1],) * 2
+
+
 def gram_scale(delta: torch.Tensor, masked: torch.Tensor, gram: torch.Tensor) -> float:
     """The ``c`` that makes ``c * masked`` the least-squares fit of ``delta``'s outputs for inputs of Gram
     ``gram``: ``<masked G, delta> / <masked G, masked>`` (1 when ``masked`` changes no output)."""
@@ -96,9 +101,7 @@ def mask_and_rescale(delta: torch.Tensor, keep: torch.Tensor, density: float, re
     if mode == "density":
         return masked / density
     if mode == "gram":
-        if gram is None or delta.ndim != 2 or tuple(gram.shape) != (delta.shape[1],) * 2:
-            return masked
-        return masked * gram_scale(delta, masked, gram)
+        return masked * gram_scale(delta, masked, gram) if _gram_fits(delta, gram) else masked
     if mode == "l1":
         before, after = delta.abs().sum(), masked.abs().sum()
     elif mode == "l2":
@@ -388,9 +391,7 @@ class SparsifyPlan:
         ``"gram"`` rescale fits (any sparsifier: its kept entries, then the least-squares scale)."""
         if rescale_mode(rescale) == "gram":
             kept = self.apply(delta, density, False, generator, input_sq_norms, gram)
-            if kept is delta or gram is None or delta.ndim != 2 or tuple(gram.shape) != (delta.shape[1],) * 2:
-                return kept
-            return kept * gram_scale(delta, kept, gram)
+            return kept * gram_scale(delta, kept, gram) if kept is not delta and _gram_fits(delta, gram) else kept
         row = self.sparsifier
         if row.fn is not None:
             options = {k: self.options.get(k) for k in OPTION_NAMES}
