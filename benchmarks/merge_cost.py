@@ -40,6 +40,8 @@ RECIPES = {  # name: (merge_method, sparsify, global parameters, per-model densi
     "ties/wanda + election activation": ("ties", {"score": "wanda"}, {"election": "activation"}, 0.2, True),
     "ties + aim": ("ties", None, {}, 0.2, False),
     "wudi (data-free)": ("wudi", None, {}, None, False),
+    "wudi_activation (task Grams)": ("wudi_activation", None, {}, None, True),
+    "regmean_plus (task Grams, propagated)": ("regmean_plus", None, {"alpha": 0.9}, None, True),
 }
 
 

@@ -81,6 +81,8 @@ class Method:
     params: dict = field(default_factory=dict)  # per model
     merge_params: dict = field(default_factory=dict)  # global (e.g. RegMean's alpha)
     calibration: str = "wiki"  # or "task": each model's own training prompts (task activations)
+    aim: float | None = None  # AIM's omega: the post-pass on the base's wiki activations
+    per_density: bool = False  # also on test at each density of PER_DENSITY with its own best lambda
 
     @property
     def densities(self) -> tuple:
@@ -92,7 +94,7 @@ class Method:
 
 METHODS = [  # in the order they are run: the central comparison first
     Method("task_arithmetic", "task_arithmetic"),
-    Method("ties", "ties", "magnitude"),
+    Method("ties", "ties", "magnitude", per_density=True),
     Method("ties/wanda", "ties", "wanda", data_free=False),
     Method("task_arithmetic/wanda", "task_arithmetic", "wanda", data_free=False),
     Method("dare_ties", "dare_ties", "random", random=True),
@@ -104,9 +106,23 @@ METHODS = [  # in the order they are run: the central comparison first
     Method("regmean", "regmean", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
     Method("regmean_plus", "regmean_plus", data_free=False, calibration="task", merge_params={"alpha": 0.9}),
     Method("wudi", "wudi"),
-    Method("ties/wanda-task", "ties", "wanda", data_free=False, calibration="task"),
+    Method("ties/wanda-task", "ties", "wanda", data_free=False, calibration="task", per_density=True),
+    # WUDI's loss with each task's own input Gram in place of (share 1) or beside (share 0.5) its task
+    # vector's row space; the share is chosen between the two rows on validation
+    Method("wudi_activation", "wudi_activation", data_free=False, calibration="task",
+           merge_params={"gram_share": 1.0}),
+    Method("wudi_activation/0.5", "wudi_activation", data_free=False, calibration="task",
+           merge_params={"gram_share": 0.5}),
+    Method("wudi/aim", "wudi", data_free=False, aim=0.4),
+    # Wanda on task activations against magnitude, each density on its own (the issue's second claim)
+    Method("task_arithmetic/magnitude", "task_arithmetic", "magnitude", per_density=True),
+    Method("task_arithmetic/wanda-task", "task_arithmetic", "wanda", data_free=False, calibration="task",
+           per_density=True),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
 ]
+PER_DENSITY = (0.1, 0.2)
+# the per-density comparisons: (Wanda on task activations, magnitude) under the same method
+DENSITY_PAIRS = [("task_arithmetic/wanda-task", "task_arithmetic/magnitude"), ("ties/wanda-task", "ties")]
 
 
 def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str],
@@ -125,6 +141,8 @@ def recipe_for(method: Method, density: float | None, seed: int, base: str, fine
         recipe["parameters"] = dict(method.merge_params)
     if method.score:
         recipe["sparsify"] = {"score": method.score, "group": "row"}
+    if method.aim is not None:
+        recipe["aim"] = {"omega": method.aim}
     return recipe
 
 
@@ -312,7 +330,8 @@ def run(bench: Bench, methods: list[Method], refs: dict, multitask: Path | None 
             print(f"   {method.name}: not all measured yet ({gap})", flush=True)
     compare_to_best_data_free(rows, grids, chosen, own_test)
     return {"grids": {m: [{"setting": dict(r.setting), "normalized": r.normalized} for r in g]
-                      for m, g in grids.items()}, "chosen": chosen, "rows": rows, "missing": missing}
+                      for m, g in grids.items()}, "chosen": chosen, "rows": rows, "missing": missing,
+            "per_density": density_comparisons(rows, own_test)}
 
 
 def method_rows(bench: Bench, method: Method, own_val: dict, own_test: dict, grids: dict, chosen: dict,
@@ -324,7 +343,28 @@ def method_rows(bench: Bench, method: Method, own_val: dict, own_test: dict, gri
     new = [test_row(bench, method, setting["density"], setting["lambda"], own_test, f"{method.name} (tuned)")]
     if setting["lambda"] != 1.0:
         new.append(test_row(bench, method, setting["density"], 1.0, own_test, f"{method.name}, lambda 1 (untuned)"))
+    for density in PER_DENSITY if method.per_density else ():  # each density with its own best lambda
+        best = choose_setting([r for r in grids[method.name] if dict(r.setting)["density"] == density])
+        new.append({**test_row(bench, method, density, dict(best)["lambda"], own_test,
+                               f"{method.name} at density {density}"), "per_density": True})
     rows += new  # only whole: a method is in the table with all its rows or not at all
+
+
+def density_comparisons(rows: list[dict], own_test: dict) -> list[dict]:
+    """Wanda on task activations against magnitude under the same method at each density of PER_DENSITY
+    (lambda chosen on validation for each row at that density): a paired bootstrap per pair."""
+    found = {(r["method"], r["density"]): r for r in rows if r.get("per_density")}
+    out = []
+    for wanda, magnitude in DENSITY_PAIRS:
+        for density in PER_DENSITY:
+            a, b = found.get((wanda, density)), found.get((magnitude, density))
+            if a and b:
+                result = paired(a["items"], b["items"], own_test)
+                out.append({"wanda": wanda, "magnitude": magnitude, "density": density, "wanda_lambda": a["lambda"],
+                            "magnitude_lambda": b["lambda"], "wanda_normalized": a["normalized"],
+                            "magnitude_normalized": b["normalized"], "difference": result.difference,
+                            "low": result.low, "high": result.high, "verdict": result.verdict})
+    return out
 
 
 def compare_to_best_data_free(rows: list[dict], grids: dict, chosen: dict, own_test: dict) -> None:
@@ -365,7 +405,7 @@ def markdown(meta: dict, result: dict) -> str:
              "in all (summed over resumed runs; the fine-tunes' own times are in `testbed.md`)", "",
              "| row | density | lambda | " + " | ".join(TASKS) + " | mean abs [95%] | mean normalized [95%] | "
              "vs best data-free [95%] | ppl |", "|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|"]
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if not r.get("per_density")):
         versus = r.get("vs_best_data_free")
         versus_text = (f"{versus['difference']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}] {versus['verdict']}"
                        if versus else "")
@@ -376,6 +416,7 @@ def markdown(meta: dict, result: dict) -> str:
             + f" | {fmt_ci(r['absolute'], r.get('absolute_ci'))} | {fmt_ci(r['normalized'], r.get('normalized_ci'))} | "
             + f"{versus_text} | {ppl_text} |")
     lines += plain_words(result)
+    lines += density_words(result)
     lines += ["", "## Validation grid: mean normalized validation accuracy (the chosen setting in bold)", "",
               "| method | density | " + " | ".join(f"lambda {lam}" for lam in LAMBDAS) + " |",
               "|---|---|" + "---|" * len(LAMBDAS)]
@@ -409,13 +450,29 @@ def plain_words(result: dict) -> list[str]:
     return lines
 
 
+def density_words(result: dict) -> list[str]:
+    """The per-density table: Wanda on task activations against magnitude under the same method."""
+    pairs = result.get("per_density") or []
+    if not pairs:
+        return []
+    lines = ["", "## Wanda on task activations against magnitude, density by density (test; lambda chosen on "
+             "validation at that density; paired bootstrap)", "",
+             "| method pair | density | Wanda-task (lambda) | magnitude (lambda) | difference [95%] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['wanda']} vs {p['magnitude']} | {p['density']} | {p['wanda_normalized']:.3f} "
+                     f"({p['wanda_lambda']}) | {p['magnitude_normalized']:.3f} ({p['magnitude_lambda']}) | "
+                     f"{p['difference']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] | {p['verdict']} |")
+    return lines
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "normalized_ci" in r]
+    rows = [r for r in result["rows"] if "normalized_ci" in r and not r.get("per_density")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 0.45 * len(rows) + 2.5))
     y = range(len(rows))
     means = [r["normalized"] for r in rows]
@@ -427,7 +484,8 @@ def plot(result: dict, path: Path) -> None:
     left.axvline(1.0, color="black", lw=0.8, ls="--")
     left.set_xlabel("mean normalized test accuracy (merged / own fine-tune), 95% bootstrap interval")
     left.invert_yaxis()
-    bars = [r for r in result["rows"] if "per_task" in r and "untuned" not in r["name"]]  # with each own fine-tune
+    bars = [r for r in result["rows"]  # with each own fine-tune
+            if "per_task" in r and "untuned" not in r["name"] and not r.get("per_density")]
     width = 0.8 / len(bars)
     for k, r in enumerate(bars):
         right.bar([i + k * width for i in range(len(TASKS))], [r["per_task"][t] for t in TASKS], width,

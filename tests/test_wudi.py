@@ -76,3 +76,76 @@ def test_wudi_merges_each_linear_map_as_out_by_in_and_sums_the_rest(arch, tmp_pa
             want = tensor + 0.8 * taus.sum(0)
             assert "merged by task_arithmetic" in record["fallbacks"][name]
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def activation_loop(taus: list[torch.Tensor], inputs: list[torch.Tensor], share: float, steps: int, lr: float
+                    ) -> torch.Tensor:
+    """wudi_activation's loss written from the raw inputs X_i (tokens x in), through autograd:
+    sum_i (1 - s) ||(tau - tau_i) tau_i^T||^2 / ||tau_i||^2 + s ||(tau - tau_i) X_i^T||^2 / ||X_i||^2."""
+    merged = torch.stack(taus).sum(0).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([merged], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = sum((1 - share) * ((merged - t) @ t.T).pow(2).sum() / t.pow(2).sum()
+                   + share * ((merged - t) @ x.T).pow(2).sum() / x.pow(2).sum() for t, x in zip(taus, inputs))
+        loss.backward()
+        optimizer.step()
+    return merged.detach()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 1.0])
+def test_wudi_activation_takes_the_loop_of_its_loss_on_the_raw_inputs(share):
+    from wandamerge.merging.wudi import wudi_activation_combine
+
+    taus = task_vectors(3)
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(20, 5, generator=gen) * (i + 1) for i in range(3)]
+    grams = [x.T @ x / x.shape[0] for x in inputs]  # the mean of x x^T, as the calibration pass gives
+    got = wudi_activation_combine(torch.stack(taus), torch.ones(3), grams, gram_share=share, steps=50, lr=1e-3)
+    torch.testing.assert_close(got, activation_loop(taus, inputs, share, 50, 1e-3), rtol=1e-4, atol=1e-6)
+    if share == 0.0:  # WUDI itself
+        torch.testing.assert_close(got, wudi_combine(torch.stack(taus), torch.ones(3), steps=50, lr=1e-3))
+
+
+def test_wudi_activation_refuses_what_it_cannot_merge():
+    from wandamerge.errors import ConfigError
+    from wandamerge.merging.methods import merge_tensor
+    from wandamerge.merging.wudi import wudi_activation_combine
+
+    taus = torch.stack(task_vectors(5))
+    with pytest.raises(ConfigError, match="gram_share"):
+        wudi_activation_combine(taus, torch.ones(3), [torch.eye(5)] * 3, gram_share=1.5)
+    with pytest.raises(ConfigError, match=r"\(5, 5\) input Gram"):
+        wudi_activation_combine(taus, torch.ones(3), [torch.eye(4)] * 3)
+    with pytest.raises(ConfigError, match="takes no alpha"):
+        merge_tensor("wudi_activation", torch.zeros(6, 5), list(taus), 1.0, input_grams=[torch.eye(5)] * 3, alpha=0.5)
+
+
+def test_wudi_activation_end_to_end_uses_each_models_own_grams(tmp_path):
+    """Through a recipe with each model's own calibration: every block linear is wudi_activation of the
+    Grams that hooks on the base see on that model's windows; every other tensor the sum of the task vectors."""
+    from conftest import linear_inputs, own_calibration_windows, saved_family, tensors
+    from wandamerge.jobs.merge import merge
+    from wandamerge.merging.methods import merge_tensor
+    from wandamerge.recipe import parse_recipe
+
+    paths = saved_family(tmp_path)
+    windows = own_calibration_windows(tmp_path, 2, seed=6)
+    recipe = {"merge_method": "wudi_activation", "base_model": str(paths[0]),
+              "parameters": {"gram_share": 0.5, "lambda": 0.7},
+              "models": [{"model": str(p), "parameters": {"weight": 1.0},
+                          "calibration": {"data": str(tmp_path / f"calib{i}.pt"), "nsamples": 3, "seqlen": 12}}
+                         for i, p in enumerate(paths[1:])]}
+    record = merge(parse_recipe(recipe), tmp_path / "out", progress=False)
+    grams = [{name: (x.T @ x / x.shape[0]).float() for name, x in linear_inputs(paths[0], w).items()}
+             for w in windows]
+    base, fts, got = tensors(paths[0]), [tensors(p) for p in paths[1:]], tensors(tmp_path / "out")
+    assert grams[0]
+    for name, tensor in base.items():
+        if name in grams[0]:
+            want = merge_tensor("wudi_activation", tensor, [ft[name] for ft in fts], 1.0, lambda_=0.7,
+                                input_grams=[g[name] for g in grams], gram_share=0.5)
+            assert name not in record["fallbacks"]
+        else:
+            want = tensor + 0.7 * sum(ft[name] - tensor for ft in fts)
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-6, msg=name)

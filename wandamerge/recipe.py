@@ -45,9 +45,9 @@ class Condition(BaseModel):
 ParameterSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
 
 MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
-# alpha, ridge: RegMean; election: TIES' sign election (sum or activation)
-GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election")
-NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge")
+# alpha, ridge: RegMean; election: TIES' sign election (sum or activation); gram_share: wudi_activation
+GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election", "gram_share")
+NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge", "gram_share")
 CHOICE_PARAMETERS = {  # parameters that take one of a few values, checked before any model loads
     "rescale": (True, False, *RESCALE_MODES),
     "election": ELECTIONS,
@@ -104,8 +104,8 @@ def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, An
                     raise ValueError(f"parameter {key!r} in {where} must be a finite number, got {value}")
                 if key == "density" and not 0 < value <= 1:
                     raise ValueError(f"density in {where} must be in (0, 1], got {value}")
-                if key == "alpha" and not 0 <= value <= 1:
-                    raise ValueError(f"alpha in {where} must be in [0, 1], got {value}")
+                if key in ("alpha", "gram_share") and not 0 <= value <= 1:
+                    raise ValueError(f"{key} in {where} must be in [0, 1], got {value}")
                 if key == "ridge" and value < 0:
                     raise ValueError(f"ridge in {where} must be >= 0, got {value}")
         choices = CHOICE_PARAMETERS.get(key)

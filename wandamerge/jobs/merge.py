@@ -555,6 +555,7 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         election=resolve("election", (params,), name, t),
         input_grams=[n.load_gram() for n in norms] if _needs_grams(recipe) and None not in norms else None,
         alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t), linear_map=linear_map,
+        gram_share=resolve("gram_share", (params,), name, t),
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 
 

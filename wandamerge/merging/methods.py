@@ -36,7 +36,7 @@ import torch
 from ..core.selection import check_density
 from ..errors import ConfigError, lookup
 from .regmean import DEFAULT_ALPHA, DEFAULT_RIDGE, regmean_combine
-from .wudi import wudi_combine
+from .wudi import DEFAULT_GRAM_SHARE, wudi_activation_combine, wudi_combine
 from .sparsify import Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
 
 # ----------------------------------------------------------------------------
@@ -154,8 +154,10 @@ COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]]
 # combiners that also take each fine-tune's input Gram of the tensor's linear map, and their options
 GRAM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
     "regmean": regmean_combine,  # closed-form least squares of the tasks' outputs (RegMean)
+    "wudi_activation": wudi_activation_combine,  # WUDI's loss weighted by each task's own input Gram
 }
-GRAM_OPTIONS = {"regmean": {"alpha": DEFAULT_ALPHA, "ridge": DEFAULT_RIDGE}}
+GRAM_OPTIONS = {"regmean": {"alpha": DEFAULT_ALPHA, "ridge": DEFAULT_RIDGE},
+                "wudi_activation": {"gram_share": DEFAULT_GRAM_SHARE}}
 # combiners that also take each fine-tune's input norms (sum of x_j^2) of the tensor's linear map
 NORM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
     "exclusive": exclusive_combine,  # each entry to the fine-tune with the highest saliency (OBIM)
@@ -259,6 +261,8 @@ for _row in (
     MergeMethod("obim", "exclusive", "wanda", normalize=False, reference="https://arxiv.org/abs/2502.12217"),
     MergeMethod("wudi", "wudi", None, normalize=False, fallback="task_arithmetic", linear_maps_only=True,
                 reference="https://arxiv.org/abs/2503.08099"),
+    MergeMethod("wudi_activation", "wudi_activation", None, normalize=False, fallback="task_arithmetic",
+                linear_maps_only=True, reference="https://arxiv.org/abs/2503.08099 (with task Grams: ours)"),
 ):
     register_method(_row)
 
@@ -364,10 +368,17 @@ def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, o
         return get_method(spec.fallback), None, {}, why
     if not spec.needs_grams:
         return spec, None, {}, None
+    foreign = [k for k in given if k not in GRAM_OPTIONS[spec.consensus]]
+    if foreign:
+        raise ConfigError(f"{spec.name} takes no {', '.join(foreign)} (its options: "
+                          f"{', '.join(GRAM_OPTIONS[spec.consensus])})")
     chosen = {k: float(GRAM_OPTIONS[spec.consensus][k] if options.get(k) is None else options[k])
               for k in GRAM_OPTIONS[spec.consensus]}
-    if not 0.0 <= chosen.get("alpha", 0.0) <= 1.0 or chosen.get("ridge", 0.0) < 0:
-        raise ConfigError(f"{spec.name} needs alpha in [0, 1] and ridge >= 0, got {chosen}")
+    for key in ("alpha", "gram_share"):
+        if not 0.0 <= chosen.get(key, 0.0) <= 1.0:
+            raise ConfigError(f"{spec.name} needs {key} in [0, 1], got {chosen[key]}")
+    if chosen.get("ridge", 0.0) < 0:
+        raise ConfigError(f"{spec.name} needs ridge >= 0, got {chosen['ridge']}")
     if input_grams is not None and not isinstance(input_grams, torch.Tensor):
         grams = _grams_per_model(input_grams, n)
         if all(g is not None for g in grams):
@@ -400,7 +411,7 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
                pattern: str | None = None, input_grams=None, alpha: float | None = None,
                ridge: float | None = None, linear_map: bool | None = None,
-               election: str | None = None) -> MergePlan:
+               election: str | None = None, gram_share: float | None = None) -> MergePlan:
     """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
@@ -424,8 +435,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
         if given:
             raise ConfigError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
         return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
-    applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams, {"alpha": alpha, "ridge": ridge},
-                                              linear_map)
+    applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams,
+                                              {"alpha": alpha, "ridge": ridge, "gram_share": gram_share}, linear_map)
     election_options, election_why = _election_plan(applied, tuple(shape), election, norms)
     options, why = {**options, **election_options}, "; ".join(r for r in (why, election_why) if r) or None
     lambda_ = 1.0 if lambda_ is None else float(lambda_)
@@ -545,7 +556,7 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
                  input_sq_norms: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                  group: str | None = None, pattern: str | None = None, input_grams=None,
                  alpha: float | None = None, ridge: float | None = None, election: str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 gram_share: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge the fine-tuned versions of one tensor into ``base``; returns a
     tensor of ``base``'s shape and dtype. Inputs are not modified.
 
@@ -564,7 +575,8 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
     order. ``input_grams`` (one ``(in, in)`` input Gram per fine-tune, the mean
     of ``x x^T`` over its calibration tokens), ``alpha`` and ``ridge`` are
     RegMean's (:mod:`.regmean`); without Grams it merges by its fallback and
-    :func:`merge_tensor_detailed` says so. ``election="activation"`` (TIES-style
+    :func:`merge_tensor_detailed` says so; ``gram_share`` is ``wudi_activation``'s share of each
+    Gram in its loss (:mod:`.wudi`). ``election="activation"`` (TIES-style
     methods) weighs each fine-tune's sign vote by its own input activity
     (:func:`activation_votes`, needs per-fine-tune ``input_sq_norms``). Options
     that the chosen method or sparsifier does not use raise ``ValueError``
@@ -574,7 +586,7 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
                                  normalize=normalize, rescale=rescale, gamma=gamma, epsilon=epsilon,
                                  input_sq_norms=input_sq_norms, group=group, pattern=pattern,
                                  input_grams=input_grams, alpha=alpha, ridge=ridge, election=election,
-                                 generator=generator).tensor
+                                 gram_share=gram_share, generator=generator).tensor
 
 
 __all__ = [
