@@ -83,10 +83,11 @@ class Method:
     calibration: str = "wiki"  # or "task": each model's own training prompts (task activations)
     aim: float | None = None  # AIM's omega: the post-pass on the base's wiki activations
     per_density: bool = False  # also on test at each density of PER_DENSITY with its own best lambda
+    grid_densities: tuple | None = None  # a part of DENSITIES (an option measured where it is compared)
 
     @property
     def densities(self) -> tuple:
-        return DENSITIES if self.score else (None,)
+        return (self.grid_densities or DENSITIES) if self.score else (None,)
 
     def seeds(self, split: str) -> tuple:
         return (SEEDS if split == "test" else SEEDS[:1]) if self.random else (0,)
@@ -118,11 +119,16 @@ METHODS = [  # in the order they are run: the central comparison first
     Method("task_arithmetic/magnitude", "task_arithmetic", "magnitude", per_density=True),
     Method("task_arithmetic/wanda-task", "task_arithmetic", "wanda", data_free=False, calibration="task",
            per_density=True),
+    # the rescale that fits a Wanda selection (the least-squares scale for each task's Gram) against none,
+    # TIES' default, at the two densities of the comparison: the choice between them is made on validation
+    Method("ties/wanda-task+gram", "ties", "wanda", data_free=False, calibration="task", per_density=True,
+           merge_params={"rescale": "gram"}, grid_densities=(0.1, 0.2)),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
 ]
 PER_DENSITY = (0.1, 0.2)
 # the per-density comparisons: (Wanda on task activations, magnitude) under the same method
-DENSITY_PAIRS = [("task_arithmetic/wanda-task", "task_arithmetic/magnitude"), ("ties/wanda-task", "ties")]
+DENSITY_PAIRS = [("task_arithmetic/wanda-task", "task_arithmetic/magnitude"), ("ties/wanda-task", "ties"),
+                 ("ties/wanda-task+gram", "ties")]
 
 
 def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str],

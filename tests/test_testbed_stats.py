@@ -108,7 +108,8 @@ def test_the_protocol_chooses_on_validation_although_test_would_choose_otherwise
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "ties/wanda", "task_arithmetic/wanda", "dare_ties",
                                   "dare_linear", "breadcrumbs", "della", "wudi", "ties/wanda-task",
-                                  "regmean", "regmean_plus", "obim"])
+                                  "regmean", "regmean_plus", "obim", "wudi_activation", "ties/wanda-task+gram",
+                                  "task_arithmetic/magnitude", "task_arithmetic/wanda-task"])
 def test_each_lambda_of_the_grid_is_the_lambda_one_merge_scaled(name):
     """The benchmark evaluates lambda as base + lambda * (merge at lambda 1 - base): the library's own
     lambda must give the same tensor, for every method of the testbed (same seed for the random ones)."""
@@ -126,10 +127,9 @@ def test_each_lambda_of_the_grid_is_the_lambda_one_merge_scaled(name):
         options["input_sq_norms"] = [torch.rand(16, generator=gen) for _ in range(3)]
     if method.score == "della":
         options["epsilon"] = [0.1] * 3
-    if method.merge_method == "regmean":
+    if method.merge_method in ("regmean", "regmean_plus", "wudi_activation") or method.merge_params.get("rescale"):
         inputs = [torch.randn(20, 16, generator=gen) for _ in range(3)]
         options.update(input_grams=[x.T @ x / 20 for x in inputs], **method.merge_params)
-        options.pop("score")
     densities = 0.5 if method.score else None
 
     def merged(lam):
