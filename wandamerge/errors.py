@@ -44,6 +44,12 @@ class ReportError(ConfigError):
     """Run directories that cannot be reported on."""
 
 
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def did_you_mean(name, options) -> str:
     """The tail of an "unknown name" message: the closest option, else the list of options."""
     import difflib

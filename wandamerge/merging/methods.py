@@ -23,21 +23,32 @@ in float32 (float64 for float64 inputs).
 Arithmetic runs in float32 (float64 when any input is float64); the result has
 the base's dtype. mergekit computes in the inputs' promoted dtype, so for
 float32 inputs the two agree to the bit.
+
+mergekit 0.1.5's other methods (``slerp``, ``nuslerp``, ``multislerp``,
+``karcher``, ``nearswap``, ``model_stock``, ``sce``, ``arcee_fusion``, ``ram``,
+``ramplus_tl``, ``passthrough``) are rows ``on="tensors"``: a ``kernel`` of
+:mod:`.interpolation` or :mod:`.selection_merges` merges the whole tensors, and
+the row says what mergekit's declaration says: whether it takes a base
+(``base``), how many other models (``models``), and its parameters, per model
+or global, with their defaults (``parameters``). See :data:`MERGE_METHODS`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from ..core.selection import check_density
-from ..errors import ConfigError, lookup
+from ..errors import ConfigError, did_you_mean, lookup, short_repr
+from .interpolation import karcher_mean, multislerp, nearswap, nuslerp, slerp
 from .regmean import DEFAULT_ALPHA, DEFAULT_RIDGE, regmean_combine
 from .wudi import DEFAULT_GRAM_SHARE, wudi_activation_combine, wudi_combine
-from .sparsify import Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
+from .selection_merges import arcee_fusion, model_stock, passthrough, ram, ramplus_tl, sce
+from .sparsify import RESCALE_MODES, Rescale, SparsifyPlan, get_sparsifier, plan_sparsify
 
 # ----------------------------------------------------------------------------
 # small pure steps (as PEFT's merge_utils)
@@ -164,6 +175,81 @@ NORM_COMBINERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+ELECTIONS = ("sum", "activation")  # TIES' sign election: mergekit's summed mass, or activation-weighted votes
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A parameter a merge method takes, as mergekit declares it (``ParameterSpec``): per model (one value
+    for each model it merges, settable in the global parameters as everyone's default) or global; a
+    ``number``, ``integer`` or one of ``choices``; ``default`` when no recipe level sets it (``required``:
+    there is none). ``check``/``expect``: a range, e.g. density's ``in (0, 1]``."""
+
+    name: str
+    per_model: bool = False
+    kind: Literal["number", "integer", "choice"] = "number"
+    default: Any = None
+    required: bool = False
+    choices: tuple = ()
+    check: Callable[[float], bool] | None = None
+    expect: str = ""
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is no value of this parameter (``must be ..., got ...``), or None."""
+        if self.kind == "choice":
+            if value in self.choices:
+                return None
+            shown = ", ".join(repr(c) for c in self.choices)
+            return (f"must be one of {shown}, got {short_repr(value)}"
+                    f"{did_you_mean(str(value), [str(c) for c in self.choices])}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be {'an integer' if self.kind == 'integer' else 'a number'}, got {short_repr(value)}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if self.kind == "integer" and value != int(value):
+            return f"must be an integer, got {value}"
+        if self.check is not None and not self.check(value):
+            return f"must be {self.expect}, got {value}"
+        return None
+
+    def value(self, value, method: str):
+        """``value`` checked (ConfigError naming the method) and as the kernel takes it; None: the default."""
+        if value is None:
+            if self.required:
+                raise ConfigError(f"{method} needs {self.name}")
+            return self.default
+        problem = self.problem(value)
+        if problem:
+            raise ConfigError(f"{method}'s {self.name} {problem}")
+        return int(value) if self.kind == "integer" else value
+
+
+def _unit(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+def _flag(name: str, default: bool | None = None) -> Parameter:
+    return Parameter(name, kind="choice", choices=(True, False), default=default)
+
+
+# the parameters of the methods on deltas and weights (mergekit's generalized task arithmetic and linear, and
+# ours); each method refuses, when planned, the ones it does not use (e.g. alpha outside RegMean)
+TASK_ARITHMETIC_PARAMETERS = (
+    Parameter("weight", per_model=True, required=True),
+    Parameter("density", per_model=True, check=lambda v: 0 < v <= 1, expect="in (0, 1]"),
+    Parameter("gamma", per_model=True), Parameter("epsilon", per_model=True),
+    Parameter("lambda"), _flag("normalize"),
+    Parameter("rescale", kind="choice", choices=(True, False, *RESCALE_MODES)),
+    _flag("int8_mask"),  # mergekit's storage of its masks: no effect on any value
+    Parameter("alpha", check=_unit, expect="in [0, 1]"),
+    Parameter("ridge", check=lambda v: v >= 0, expect=">= 0"),
+    Parameter("election", kind="choice", choices=ELECTIONS),
+    Parameter("gram_share", check=_unit, expect="in [0, 1]"),
+)
+BasePolicy = Literal["required", "optional", "none"]
+Kernel = Callable[[torch.Tensor | None, list, dict, torch.Generator | None], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A merge method as a row of data (mergekit's generalized task arithmetic, spelled out).
@@ -177,18 +263,33 @@ class MergeMethod:
     fine-tuned tensors are averaged (:func:`weighted_average`). ``score`` is the
     default sparsifier (``None``: none), ``normalize`` and ``rescale`` the
     defaults, all as in mergekit 0.1.5 for its methods.
+
+    ``on="tensors"``: ``kernel(base, tensors, parameters, generator)`` merges the whole tensors of its
+    inputs (``base`` None when the method merges none); ``parameters`` holds every declared parameter, a
+    per-model one as a list. What the job asks of any row: ``base`` (``required``; ``optional``: merged
+    as the base when the recipe names one; ``none``: the method takes no base, and a ``base_model`` is
+    merged as one more input, mergekit's IGNORED), ``models`` (how many models it merges besides the
+    base, the base counted when ``base="none"``; ``None``: no limit), ``parameters`` (what a recipe may
+    set, see :class:`Parameter`) and ``unsparsified`` (why a ``sparsify:`` section does not apply; None:
+    it does). On tensors, a model listed under ``models`` that is the base_model is the base, not one
+    more input (mergekit's rule); on deltas and weights every listed model is an input.
     """
 
     name: str
-    consensus: str | None
-    score: str | None
-    normalize: bool
+    consensus: str | None = None
+    score: str | None = None
+    normalize: bool = False
     rescale: bool = False
-    on: Literal["deltas", "weights"] = "deltas"
+    on: Literal["deltas", "weights", "tensors"] = "deltas"
     reference: str = ""
     fallback: str | None = None
     linear_maps_only: bool = False
     propagate: bool = False  # Grams from each task's inputs through the merged earlier blocks (RegMean++)
+    base: BasePolicy = "required"
+    models: tuple[int, int | None] = (1, None)
+    parameters: tuple[Parameter, ...] = TASK_ARITHMETIC_PARAMETERS
+    kernel: Kernel | None = None
+    unsparsified: str | None = None
 
     @property
     def needs_grams(self) -> bool:
@@ -197,6 +298,9 @@ class MergeMethod:
     @property
     def needs_norms(self) -> bool:
         return self.consensus in NORM_COMBINERS
+
+    def parameter(self, name: str) -> Parameter | None:
+        return next((p for p in self.parameters if p.name == name), None)
 
     def combine(self, weighted: torch.Tensor, weights: torch.Tensor, normalize: bool, grams=None,
                 options: dict | None = None, input_sq_norms=None) -> torch.Tensor:
@@ -215,12 +319,22 @@ MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
 def register_method(row: MergeMethod) -> MergeMethod:
-    """Add a merge method (checked: a known consensus and default sparsifier, a new name)."""
-    if row.on not in ("deltas", "weights"):
-        raise ConfigError(f"on={row.on!r}: expected 'deltas' or 'weights'")
+    """Add a merge method (checked: a known consensus and default sparsifier, a kernel for a method on
+    tensors, a base policy, a count of models, distinct parameters, a new name)."""
+    if row.on not in ("deltas", "weights", "tensors"):
+        raise ConfigError(f"on={row.on!r}: expected 'deltas', 'weights' or 'tensors'")
     known = sorted([*COMBINERS, *GRAM_COMBINERS, *NORM_COMBINERS])
     if (row.on == "deltas") != (row.consensus in known):
         raise ConfigError(f"merge method {row.name!r}: a method on deltas needs a consensus in {known}")
+    if (row.on == "tensors") != callable(row.kernel) or (row.on == "tensors" and (row.score or not row.unsparsified)):
+        raise ConfigError(f"merge method {row.name!r}: a method on tensors (and only one) needs a kernel, "
+                          "no default score, and the reason a sparsify section does not apply to it")
+    low, high = row.models
+    if row.base not in ("required", "optional", "none") or low < 0 or (high is not None and high < low):
+        raise ConfigError(f"merge method {row.name!r}: base {row.base!r} and models {row.models} are no contract")
+    names = [p.name for p in row.parameters]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"merge method {row.name!r} declares a parameter twice: {names}")
     partial = row.needs_grams or row.linear_maps_only
     if partial and (row.fallback not in MERGE_METHODS or MERGE_METHODS[row.fallback].needs_grams
                     or MERGE_METHODS[row.fallback].linear_maps_only):
@@ -242,7 +356,9 @@ _TA, _TIES, _DARE, _BREADCRUMBS, _DELLA = ("https://arxiv.org/abs/2212.04089", "
                                           "https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2312.06795",
                                           "https://arxiv.org/abs/2406.11617")
 for _row in (
-    MergeMethod("linear", None, None, normalize=True, on="weights", reference="https://arxiv.org/abs/2203.05482"),
+    # the base_model, when given, is only the reference for tensor names and config: linear averages the models
+    MergeMethod("linear", None, None, normalize=True, on="weights", base="optional",
+                reference="https://arxiv.org/abs/2203.05482"),
     MergeMethod("task_arithmetic", "sum", None, normalize=False, reference=_TA),
     MergeMethod("ties", "ties", "magnitude", normalize=True, reference=_TIES),
     MergeMethod("dare_linear", "sum", "random", normalize=False, rescale=True, reference=_DARE),
@@ -265,6 +381,108 @@ for _row in (
                 linear_maps_only=True, reference="https://arxiv.org/abs/2503.08099 (with task Grams: ours)"),
 ):
     register_method(_row)
+
+
+# mergekit 0.1.5's methods on whole tensors, each as its merge_methods/*.py declares it: its InputContract
+# (base, models) and its parameters (PerNonBase/PerInput: per model; the others global), defaults included.
+# A sparsify: section applies to none of them, as in mergekit, which sparsifies task vectors only inside
+# generalized task arithmetic: the interpolations and passthrough take no task vectors, and the methods on
+# task vectors (sce, ram, ramplus_tl, model_stock) each decide by their own rule which parts of a task
+# vector count, a rule a trim before it would change; unsparsified says which, in the refusal.
+_WHOLE = "it merges whole tensors (or their offsets from the base) with no task vector to sparsify"
+for _row in (
+    MergeMethod("slerp", on="tensors", base="required", models=(1, 1), parameters=(Parameter("t", required=True),),
+                kernel=lambda base, ws, p, g: slerp(base, ws[0], p["t"]), unsparsified=_WHOLE,
+                reference="https://en.wikipedia.org/wiki/Slerp"),
+    MergeMethod("nuslerp", on="tensors", base="optional", models=(2, 2),
+                parameters=(Parameter("weight", per_model=True, required=True),
+                            _flag("nuslerp_row_wise", False), _flag("nuslerp_flatten", True)),
+                kernel=lambda base, ws, p, g: nuslerp(ws, p["weight"], base, row_wise=p["nuslerp_row_wise"],
+                                                      flatten=p["nuslerp_flatten"]), unsparsified=_WHOLE),
+    MergeMethod("multislerp", on="tensors", base="optional", models=(1, None),
+                parameters=(Parameter("weight", per_model=True, required=True), _flag("normalize_weights", True),
+                            Parameter("eps", default=1e-8)),
+                kernel=lambda base, ws, p, g: multislerp(ws, p["weight"], base, eps=p["eps"],
+                                                         normalize_weights=p["normalize_weights"]),
+                unsparsified=_WHOLE, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    MergeMethod("karcher", on="tensors", base="none", models=(1, None),
+                parameters=(Parameter("max_iter", kind="integer", default=10), Parameter("tol", default=1e-5)),
+                kernel=lambda base, ws, p, g: karcher_mean(ws, max_iter=p["max_iter"], tol=p["tol"]),
+                unsparsified=_WHOLE, reference="https://arxiv.org/abs/2603.04972"),
+    MergeMethod("nearswap", on="tensors", base="required", models=(1, 1), parameters=(Parameter("t", required=True),),
+                kernel=lambda base, ws, p, g: nearswap(base, ws[0], p["t"]), unsparsified=_WHOLE,
+                reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+    MergeMethod("passthrough", on="tensors", base="none", models=(1, 1),
+                parameters=(Parameter("scale", per_model=True),),
+                kernel=lambda base, ws, p, g: passthrough(ws[0], p["scale"][0]),
+                unsparsified="it copies one model's tensors, with no task vector to sparsify"),
+    MergeMethod("arcee_fusion", on="tensors", base="required", models=(1, 1), parameters=(),
+                kernel=lambda base, ws, p, g: arcee_fusion(base, ws[0], generator=g),
+                unsparsified="it keeps or drops each change of the other model by its own importance fence",
+                reference="https://arcee.ai"),
+    MergeMethod("model_stock", on="tensors", base="required", models=(2, None),
+                parameters=(_flag("filter_wise", False),),
+                kernel=lambda base, ws, p, g: model_stock(base, ws, filter_wise=p["filter_wise"]),
+                unsparsified="its ratio is measured on the angles between the whole task vectors, which a trim "
+                             "would change", reference="https://arxiv.org/abs/2403.19522"),
+    MergeMethod("sce", on="tensors", base="required", models=(0, None),
+                parameters=(_flag("int8_mask", False), Parameter("select_topk", default=1.0)),
+                kernel=lambda base, ws, p, g: sce(base, ws, select_topk=p["select_topk"]),
+                unsparsified="it selects the entries of its task vectors by their variance across the models "
+                             "(select_topk)", reference="https://arxiv.org/abs/2408.07990"),
+    MergeMethod("ram", on="tensors", base="required", models=(0, None),
+                parameters=(Parameter("epsilon", default=1e-5),),
+                kernel=lambda base, ws, p, g: ram(base, ws, epsilon=p["epsilon"]),
+                unsparsified="an entry of a task vector counts by its own threshold (epsilon)",
+                reference="https://arxiv.org/abs/2601.13572"),
+    MergeMethod("ramplus_tl", on="tensors", base="required", models=(0, None),
+                parameters=(Parameter("r", default=0.1), Parameter("alpha", default=0.2),
+                            Parameter("epsilon", default=1e-5)),
+                kernel=lambda base, ws, p, g: ramplus_tl(base, ws, r=p["r"], alpha=p["alpha"], epsilon=p["epsilon"]),
+                unsparsified="an entry of a task vector counts by its own threshold (epsilon)",
+                reference="https://arxiv.org/abs/2601.13572"),
+):
+    register_method(_row)
+
+
+def method_inputs(spec: MergeMethod, base: str | None, models: Sequence[str]) -> tuple[bool, list[int | None]]:
+    """How a recipe's models feed ``spec``: (whether ``base`` is merged as the base, the inputs in order as
+    indices into ``models``, None for the base_model added as one more input). On tensors, mergekit's
+    rule: a listed base_model is the base, not an input, and a method that takes no base merges the
+    base_model as an input (added after the listed ones unless listed); the inputs are distinct models.
+    On deltas or weights every listed model is an input. The count is checked (ConfigError, one line)."""
+    if spec.base == "required" and base is None:
+        raise ConfigError(f"merge_method {spec.name!r} needs a base_model")
+    if spec.on != "tensors":
+        inputs: list[int | None] = list(range(len(models)))
+        uses_base = spec.on == "deltas"
+    elif spec.base == "none":
+        inputs = list(range(len(models))) + ([None] if base is not None and base not in models else [])
+        uses_base = False
+    else:
+        inputs = [i for i, model in enumerate(models) if model != base]
+        uses_base = base is not None
+    chosen = [base if i is None else models[i] for i in inputs]
+    twice = sorted({m for m in chosen if chosen.count(m) > 1})
+    if spec.on == "tensors" and twice:
+        raise ConfigError(f"merge_method {spec.name!r} merges distinct models, and {', '.join(twice)} is listed twice")
+    check_model_count(spec, len(inputs), uses_base)
+    return uses_base, inputs
+
+
+def check_model_count(spec: MergeMethod, n: int, uses_base: bool) -> None:
+    """ConfigError unless ``spec`` merges ``n`` models (besides the base when ``uses_base``)."""
+    low, high = spec.models
+    if low <= n and (high is None or n <= high):
+        return
+    wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+    plural = "s" if (high or low) != 1 else ""
+    if spec.base == "none":
+        what = f"{wanted} model{plural} (a base_model not listed under models is one more)"
+    else:
+        what = f"{wanted} model{plural} besides the base_model" + (" (a listed base_model is the base)"
+                                                                    if uses_base else "")
+    raise ConfigError(f"merge_method {spec.name!r} merges {what}, got {n}")
 
 
 # ----------------------------------------------------------------------------
@@ -337,15 +555,16 @@ class MergePlan:
     grams: list | None = None  # each fine-tune's input Gram, for a method that needs them
     method_options: dict = field(default_factory=dict)  # e.g. RegMean's alpha and ridge
     method_fallback: str | None = None  # why the method applied is not the one asked for
+    uses_base: bool = True  # whether the base is merged as the base (not: only the reference for shape and dtype)
 
     @property
     def sparsifier(self) -> str | None:
         """The sparsifier actually applied (None: none)."""
-        return None if self.trims[0] is None else self.trims[0].sparsifier.name
+        return None if not self.trims or self.trims[0] is None else self.trims[0].sparsifier.name
 
     @property
     def fallback_reason(self) -> str | None:
-        trim = None if self.trims[-1] is None else self.trims[-1].fallback_reason
+        trim = None if not self.trims or self.trims[-1] is None else self.trims[-1].fallback_reason
         return "; ".join(r for r in (self.method_fallback, trim) if r) or None
 
     def result(self, tensor: torch.Tensor | None) -> "MergeResult":
@@ -387,9 +606,6 @@ def _gram_plan(spec: MergeMethod, shape: tuple[int, ...], n: int, input_grams, o
     return get_method(spec.fallback), None, {}, why
 
 
-ELECTIONS = ("sum", "activation")
-
-
 def _election_plan(spec: MergeMethod, shape: tuple[int, ...], election: str | None, norms: list
                    ) -> tuple[dict, str | None]:
     """TIES' sign election: ``sum`` (mergekit's) or ``activation`` (:func:`activation_votes`), which needs
@@ -411,10 +627,24 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                gamma=None, epsilon=None, input_sq_norms=None, group: str | None = None,
                pattern: str | None = None, input_grams=None, alpha: float | None = None,
                ridge: float | None = None, linear_map: bool | None = None,
-               election: str | None = None, gram_share: float | None = None) -> MergePlan:
+               election: str | None = None, gram_share: float | None = None, parameters: dict | None = None,
+               with_base: bool | None = None) -> MergePlan:
     """The :class:`MergePlan` of merging ``n`` fine-tunes of a tensor of ``shape`` (arguments as
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
+    if spec.on == "tensors":
+        options = {"densities": densities, "score": score, "lambda_": lambda_, "normalize": normalize,
+                   "rescale": rescale, "gamma": gamma, "epsilon": epsilon, "input_sq_norms": input_sq_norms,
+                   "group": group, "pattern": pattern, "input_grams": input_grams, "alpha": alpha, "ridge": ridge,
+                   "election": election, "gram_share": gram_share}
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            raise ConfigError(f"{spec.name} merges whole tensors and takes no {', '.join(given)}; "
+                              f"give its own parameters as parameters={{...}}")
+        return _plan_on_tensors(spec, tuple(shape), n, weights, parameters or {}, with_base)
+    if parameters:
+        raise ConfigError(f"{spec.name} takes its options as keywords (weights, densities, score, lambda_, ...), "
+                          f"not parameters=")
     if n == 0:
         raise ConfigError("merging needs at least one fine-tuned tensor")
     if isinstance(weights, (int, float)):
@@ -434,7 +664,8 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                  if v is not None] + (["densities"] if min(densities) < 1 else [])
         if given:
             raise ConfigError(f"{spec.name} averages full weights and takes no {', '.join(given)}")
-        return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n)
+        return MergePlan(spec, tuple(shape), weights, densities, norms, normalize, 1.0, False, None, [None] * n,
+                         uses_base=False)
     applied, grams, options, why = _gram_plan(spec, tuple(shape), n, input_grams,
                                               {"alpha": alpha, "ridge": ridge, "gram_share": gram_share}, linear_map)
     election_options, election_why = _election_plan(applied, tuple(shape), election, norms)
@@ -458,6 +689,38 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                  for i in range(n)]
     return MergePlan(applied, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims,
                      grams, options, why)
+
+
+def _plan_on_tensors(spec: MergeMethod, shape: tuple[int, ...], n: int, weights, given: dict,
+                     with_base: bool | None) -> MergePlan:
+    """The plan of a method on whole tensors: its parameters checked and completed with their defaults (a
+    per-model one as a list of ``n``), ``weights`` as its ``weight``; ``with_base`` (default: unless the
+    method takes no base) whether the base tensor is merged as the base or only gives shape and dtype."""
+    if weights is not None:
+        if spec.parameter("weight") is None:
+            raise ConfigError(f"{spec.name} takes no weights")
+        given = {**given, "weight": weights}
+    unknown = [name for name in given if spec.parameter(name) is None]
+    if unknown:
+        takes = ", ".join(p.name for p in spec.parameters)
+        raise ConfigError(f"{spec.name} takes no {', '.join(map(str, unknown))}"
+                          + (f" (its parameters: {takes})" if takes else " (it takes no parameters)"))
+    uses_base = spec.base != "none" if with_base is None else bool(with_base)
+    if uses_base != (spec.base == "required") and spec.base != "optional":
+        raise ConfigError(f"{spec.name} {'takes no' if uses_base else 'needs a'} base")
+    check_model_count(spec, n, uses_base)
+    values = {}
+    for parameter in spec.parameters:
+        value = given.get(parameter.name)
+        if not parameter.per_model:
+            values[parameter.name] = parameter.value(value, spec.name)
+            continue
+        per_model = list(value) if isinstance(value, (list, tuple)) else [value] * n
+        if len(per_model) != n:
+            raise ConfigError(f"{len(per_model)} values of {parameter.name} for {n} models")
+        values[parameter.name] = [parameter.value(v, spec.name) for v in per_model]
+    return MergePlan(spec, shape, values.get("weight", [1.0] * n), [1.0] * n, [None] * n, False, 1.0, False, None,
+                     [None] * n, method_options=values, uses_base=uses_base)
 
 
 def merge_tensor_detailed(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
@@ -490,6 +753,10 @@ def merge_with_plan(plan: MergePlan, base: torch.Tensor, finetuned: Sequence[tor
     if tuple(base.shape) != plan.shape or len(finetuned) != len(plan.weights):
         raise ConfigError(f"a plan for {len(plan.weights)} tensors of shape {plan.shape} got {len(finetuned)} of "
                           f"shape {tuple(base.shape)}")
+    if plan.method.on == "tensors":
+        tensors = [t.to(device=base.device) for t in finetuned]
+        merged = plan.method.kernel(base if plan.uses_base else None, tensors, plan.method_options, generator)
+        return plan.result(merged.to(base.dtype))
     work = torch.float64 if any(t.dtype == torch.float64 for t in [base, *finetuned]) else torch.float32
     if plan.method.on == "weights":
         tensors = [t.to(device=base.device, dtype=work) for t in finetuned]
@@ -556,7 +823,8 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
                  input_sq_norms: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                  group: str | None = None, pattern: str | None = None, input_grams=None,
                  alpha: float | None = None, ridge: float | None = None, election: str | None = None,
-                 gram_share: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 gram_share: float | None = None, parameters: dict | None = None, with_base: bool | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge the fine-tuned versions of one tensor into ``base``; returns a
     tensor of ``base``'s shape and dtype. Inputs are not modified.
 
@@ -581,17 +849,26 @@ def merge_tensor(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tens
     (:func:`activation_votes`, needs per-fine-tune ``input_sq_norms``). Options
     that the chosen method or sparsifier does not use raise ``ValueError``
     rather than being ignored.
+
+    A method on whole tensors (``slerp``, ``karcher``, ...: ``MergeMethod.on == "tensors"``) takes its
+    parameters by their recipe names, ``parameters={"t": 0.3}`` (a per-model one as one value or a list),
+    ``weights`` only when it has a ``weight`` parameter (else None), and none of the options above.
+    ``with_base=False`` merges only ``finetuned`` for a method whose base is optional (``nuslerp``,
+    ``multislerp``); ``base`` then gives the shape and dtype. E.g.
+    ``merge_tensor("slerp", base, [other], None, parameters={"t": 0.3})``.
     """
     return merge_tensor_detailed(method, base, finetuned, weights, densities, score=score, lambda_=lambda_,
                                  normalize=normalize, rescale=rescale, gamma=gamma, epsilon=epsilon,
                                  input_sq_norms=input_sq_norms, group=group, pattern=pattern,
                                  input_grams=input_grams, alpha=alpha, ridge=ridge, election=election,
-                                 gram_share=gram_share, generator=generator).tensor
+                                 gram_share=gram_share, parameters=parameters, with_base=with_base,
+                                 generator=generator).tensor
 
 
 __all__ = [
-    "COMBINERS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
-    "activation_ties_combine", "activation_votes", "agreement_mask", "disjoint_merge", "elect_sign",
-    "exclusive_combine", "get_method", "merge_tensor", "merge_tensor_detailed", "merge_with_plan", "plan_merge", "register_method",
+    "COMBINERS", "ELECTIONS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
+    "Parameter", "TASK_ARITHMETIC_PARAMETERS", "activation_ties_combine", "activation_votes", "agreement_mask",
+    "check_model_count", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
+    "merge_tensor_detailed", "merge_with_plan", "method_inputs", "plan_merge", "register_method",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]
