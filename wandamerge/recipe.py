@@ -3,7 +3,9 @@
 A merge recipe is a mergekit recipe (``merge_method``, ``base_model``,
 ``models: [{model, parameters: {weight, density, gamma, epsilon}}]``,
 ``parameters: {lambda, normalize, rescale, int8_mask}``, ``dtype``,
-``out_dtype``, ``tokenizer_source``) plus two optional sections of ours:
+``out_dtype``, ``tokenizer_source``; each method's parameters are those its
+registry row declares, per model or global, as mergekit declares them: e.g.
+``slerp``'s global ``t``, ``nuslerp``'s per-model ``weight``) plus two optional sections of ours:
 ``sparsify: {score, group, pattern, activations}`` and ``calibration: {data,
 nsamples, seqlen, seed, batch_size}``, also per model (``models: [{model,
 calibration: {data: task.jsonl}}]``: that model's activations come from its own
@@ -20,7 +22,6 @@ config (recipes, run recipes, job configs) into one line naming the key.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
@@ -28,10 +29,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core.selection import parse_pattern
-from .errors import RecipeError, did_you_mean
+from .errors import RecipeError, did_you_mean, short_repr
 from .io.dtypes import DTYPE_NAMES
-from .merging.methods import ELECTIONS, MERGE_METHODS
-from .merging.sparsify import RESCALE_MODES, SPARSIFIERS
+from .merging.methods import MERGE_METHODS, MergeMethod, method_inputs
+from .merging.sparsify import SPARSIFIERS
 
 Scalar = Union[bool, int, float, str]
 
@@ -44,20 +45,14 @@ class Condition(BaseModel):
 
 ParameterSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
 
-MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
-# alpha, ridge: RegMean; election: TIES' sign election (sum or activation); gram_share: wudi_activation
-GLOBAL_PARAMETERS = ("lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election", "gram_share")
-NUMERIC_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "alpha", "ridge", "gram_share")
-CHOICE_PARAMETERS = {  # parameters that take one of a few values, checked before any model loads
-    "rescale": (True, False, *RESCALE_MODES),
-    "election": ELECTIONS,
-    "normalize": (True, False),
-}
+def parameter_names() -> list[str]:
+    """Every parameter some registered merge method takes (what a recipe may name at all)."""
+    return sorted({p.name for row in MERGE_METHODS.values() for p in row.parameters})
 
 
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _numeric(name: str) -> bool:
+    """Whether every method that takes ``name`` takes a number for it."""
+    return all(p.kind != "choice" for row in MERGE_METHODS.values() for p in row.parameters if p.name == name)
 
 
 def _is_setting(value) -> bool:
@@ -80,42 +75,36 @@ def _check_raw_parameters(params, where: str):
     if params is None:
         return params
     if not isinstance(params, dict):
-        raise ValueError(f"{where} must be a mapping of parameter names to values, got {_short(params)}")
-    known = MODEL_PARAMETERS + GLOBAL_PARAMETERS
+        raise ValueError(f"{where} must be a mapping of parameter names to values, got {short_repr(params)}")
+    known = parameter_names()
     for key, setting in params.items():
         if key not in known:
             raise ValueError(f"unknown parameter {key!r} in {where}{did_you_mean(key, known)}")
         if not _is_setting(setting):
-            kind = "a number" if key in NUMERIC_PARAMETERS else "a value"
+            kind = "a number" if _numeric(key) else "a value"
             raise ValueError(f"parameter {key!r} in {where} must be {kind}, a list of them (a gradient) or a list "
-                             f"of {{filter, value}} conditions, got {_short(setting)}")
+                             f"of {{filter, value}} conditions, got {short_repr(setting)}")
     return params
 
 
-def _check_parameters(params: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
-    if not params:
-        return params
-    for key, setting in params.items():
-        if key in NUMERIC_PARAMETERS:
+def check_method_parameters(row: MergeMethod, levels) -> None:
+    """Every parameter set in ``levels`` (``(where, parameters, per model?)``) is one ``row`` takes at that
+    level, with values it takes (as the row declares them); a per-model parameter may also be set globally,
+    as everyone's default (mergekit's rule), a global one only globally."""
+    takes = {p.name: p for p in row.parameters}
+    for where, params, per_model in levels:
+        for key, setting in (params or {}).items():
+            parameter = takes.get(key)
+            if parameter is None:
+                hint = did_you_mean(key, takes) if takes else "; it takes no parameters"
+                raise ValueError(f"merge_method {row.name!r} takes no parameter {key!r} (set in {where}){hint}")
+            if per_model and not parameter.per_model:
+                raise ValueError(f"{key!r} is a global parameter of {row.name} (one value for the whole merge): "
+                                 f"set it under the top-level parameters, not in {where}")
             for value in _leaf_values(setting):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"parameter {key!r} in {where} must be a number, got {_short(value)}")
-                if not math.isfinite(value):
-                    raise ValueError(f"parameter {key!r} in {where} must be a finite number, got {value}")
-                if key == "density" and not 0 < value <= 1:
-                    raise ValueError(f"density in {where} must be in (0, 1], got {value}")
-                if key in ("alpha", "gram_share") and not 0 <= value <= 1:
-                    raise ValueError(f"{key} in {where} must be in [0, 1], got {value}")
-                if key == "ridge" and value < 0:
-                    raise ValueError(f"ridge in {where} must be >= 0, got {value}")
-        choices = CHOICE_PARAMETERS.get(key)
-        if choices is not None:
-            for value in _leaf_values(setting):
-                if value not in choices:
-                    shown = ", ".join(repr(c) for c in choices)
-                    raise ValueError(f"parameter {key!r} in {where} must be one of {shown}, got {_short(value)}"
-                                     f"{did_you_mean(str(value), [str(c) for c in choices])}")
-    return params
+                problem = parameter.problem(value)
+                if problem:
+                    raise ValueError(f"parameter {key!r} in {where} {problem}")
 
 
 def _leaf_values(setting) -> list:
@@ -148,11 +137,6 @@ class _WithParameters(BaseModel):
     @classmethod
     def parameter_shapes(cls, value):
         return _check_raw_parameters(value, cls._where)
-
-    @field_validator("parameters")
-    @classmethod
-    def known_parameters(cls, value):
-        return _check_parameters(value, cls._where)
 
 
 class ModelCalibration(BaseModel):
@@ -247,17 +231,43 @@ class MergeRecipe(_WithParameters):
         setting = (self.parameters or {}).get(parameter)
         return setting is not None and value in _leaf_values(setting)
 
+    def inputs(self) -> tuple[bool, list[ModelEntry]]:
+        """(whether the base_model is merged as the base, the method's inputs in order: the entries of
+        ``models`` it merges, and a parameterless entry for a base_model merged as one more input), by the
+        method's row (:func:`~wandamerge.merging.methods.method_inputs`; ConfigError on a wrong count)."""
+        uses_base, indices = method_inputs(MERGE_METHODS[self.merge_method], self.base_model,
+                                           [m.model for m in self.models])
+        return uses_base, [ModelEntry(model=self.base_model) if i is None else self.models[i] for i in indices]
+
+    def _check_required(self, method: MergeMethod) -> None:
+        """A parameter without a default is set for every input (a per-model one) or globally."""
+        inputs = self.inputs()[1]
+        for parameter in method.parameters:
+            if not parameter.required or parameter.name in (self.parameters or {}):
+                continue
+            if not parameter.per_model:
+                raise ValueError(f"merge_method {self.merge_method!r} needs parameter {parameter.name!r}; "
+                                 f"set parameters.{parameter.name}")
+            for entry in inputs:
+                if parameter.name not in (entry.parameters or {}):
+                    raise ValueError(f"model {entry.model} has no {parameter.name}; set parameters.{parameter.name} "
+                                     f"(for each model, or once in the top-level parameters)")
+
     @model_validator(mode="after")
     def consistent(self):
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}{did_you_mean(self.merge_method, MERGE_METHODS)}")
-        if MERGE_METHODS[self.merge_method].on == "deltas" and not self.base_model:
-            raise ValueError(f"merge_method {self.merge_method!r} needs a base_model (it merges task vectors)")
+        method = MERGE_METHODS[self.merge_method]
+        self.inputs()  # the base and the number of models the method takes (a ConfigError is a ValueError)
+        check_method_parameters(method, [("the global parameters", self.parameters, False)]
+                                + [(f"models[{i}] ({m.model})", m.parameters, True) for i, m in enumerate(self.models)])
+        if self.sparsify is not None and method.unsparsified:
+            raise ValueError(f"merge_method {self.merge_method!r} takes no sparsify section: {method.unsparsified} "
+                             f"(mergekit sparsifies nothing in it); remove the section")
         if self.sparsify and self.sparsify.score and self.sparsify.score not in SPARSIFIERS:
             raise ValueError(f"unknown sparsify score {self.sparsify.score!r}{did_you_mean(self.sparsify.score, SPARSIFIERS)}")
         own = [m.model for m in self.models if m.calibration is not None]
-        score = (self.sparsify.score if self.sparsify else None) or MERGE_METHODS[self.merge_method].score
-        method = MERGE_METHODS[self.merge_method]
+        score = (self.sparsify.score if self.sparsify else None) or method.score
         reads = ((score and (SPARSIFIERS[score].needs_input_norms or SPARSIFIERS[score].needs_grams))
                  or method.needs_grams or method.needs_norms
                  or self.asks_gram_rescale() or self.asks_activation_election())
@@ -265,13 +275,14 @@ class MergeRecipe(_WithParameters):
             raise ValueError(f"models {', '.join(own)} have their own calibration, which only activation scores "
                              f"and data-aware methods use, and merge_method {self.merge_method!r} with score "
                              f"{score!r} reads none; set sparsify.score: wanda, use regmean, or remove it")
-        if self.asks_activation_election() and MERGE_METHODS[self.merge_method].consensus != "ties":
+        if self.asks_activation_election() and method.consensus != "ties":
             raise ValueError(f"election: activation weighs the votes of a sign election, and merge_method "
                              f"{self.merge_method!r} elects no sign; use ties, dare_ties, della or breadcrumbs_ties")
         if self.aim is not None and not self.base_model:
             raise ValueError("aim relaxes the merged update against the base: set base_model")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+        self._check_required(method)
         return self
 
 
@@ -292,7 +303,7 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel], section: s
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
         message = "expected a mapping (key: value, ...)"
     if err["type"] not in ("value_error", "assertion_error"):  # pydantic's own words: show what was given
-        message += f", got {_short(err.get('input'))}"
+        message += f", got {short_repr(err.get('input'))}"
     return " ".join(f"{source}: {loc + ': ' if loc else ''}{message}".split())
 
 
@@ -421,3 +432,13 @@ def resolve(name: str, scopes, tensor_name: str, t: float, default=None):
             if value is not None:
                 return value
     return default
+
+
+def method_parameters(recipe: MergeRecipe, tensor_name: str, t: float) -> dict:
+    """Every parameter the recipe's method declares, for tensor ``tensor_name`` at layer position ``t``: a
+    global one from the top-level parameters, a per-model one as a list over the method's inputs (each
+    input's own parameters first, then the top-level ones, as mergekit); None where no level sets it
+    (the method's default then applies)."""
+    method, inputs = MERGE_METHODS[recipe.merge_method], recipe.inputs()[1]
+    return {p.name: [resolve(p.name, (entry.parameters, recipe.parameters), tensor_name, t) for entry in inputs]
+            if p.per_model else resolve(p.name, (recipe.parameters,), tensor_name, t) for p in method.parameters}

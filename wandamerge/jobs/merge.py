@@ -51,7 +51,7 @@ from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, m
 from ..merging.sparsify import get_sparsifier
 from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_prefix, load_model,
                       load_tokenizer, local_model_dir)
-from ..recipe import Calibration, MergeRecipe, model_calibration, resolve
+from ..recipe import Calibration, MergeRecipe, method_parameters, model_calibration, resolve
 from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
 from .merge_inputs import check_compatible, open_inputs
 
@@ -200,7 +200,7 @@ def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> 
         raise InputError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(BLOCK_PATHS))}")
     num_layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer"))
     opened = MergeInputs(base_dir, base, inputs, notes, BLOCK_PATHS[model_type], num_layers)
-    _check_weights(recipe, opened)
+    _check_required(recipe, opened)
     return opened, out
 
 
@@ -242,13 +242,22 @@ def _pattern(recipe: MergeRecipe) -> str | None:
     return None if pattern == "unstructured" else pattern
 
 
-def _check_weights(recipe: MergeRecipe, opened: MergeInputs) -> None:
-    """Every model needs a weight for every tensor (as in mergekit), checked before any heavy work."""
-    for entry in recipe.models:
-        for name in opened.base.names():
-            t = layer_position(name, opened.prefix, opened.num_layers)
-            if resolve("weight", (entry.parameters, recipe.parameters), name, t) is None:
-                raise InputError(f"model {entry.model} has no weight for {name}; set parameters.weight")
+def _check_required(recipe: MergeRecipe, opened: MergeInputs) -> None:
+    """Every parameter without a default has a value for every tensor (as in mergekit: a weight for every
+    model, slerp's t), filters and gradients resolved, checked before any heavy work."""
+    required = [p for p in get_method(recipe.merge_method).parameters if p.required]
+    inputs = recipe.inputs()[1]
+    for name in opened.base.names() if required else []:
+        values = method_parameters(recipe, name, layer_position(name, opened.prefix, opened.num_layers))
+        for parameter in required:
+            value = values[parameter.name]
+            if not parameter.per_model and value is None:
+                raise InputError(f"{recipe.merge_method} has no {parameter.name} for {name}; "
+                                 f"set parameters.{parameter.name}")
+            for entry, own in zip(inputs, value if parameter.per_model else []):
+                if own is None:
+                    raise InputError(f"model {entry.model} has no {parameter.name} for {name}; "
+                                     f"set parameters.{parameter.name}")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -442,6 +451,8 @@ class _TensorJob:
         self.aim = aim  # the base's input statistics of this linear map, when AIM relaxes it
         self.precomputed = precomputed  # (merged task vector at lambda 1 on disk, its record): RegMean++
         self.method: MergeMethod = get_method(recipe.merge_method)
+        # the method's inputs (a base_model merged as one more input is read from the base)
+        self.sources = [opened.inputs.get(entry.model, opened.base) for entry in recipe.inputs()[1]]
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
         shape = tuple(opened.base.shape(name))
         linear_map = len(shape) == 2 and name.startswith(f"{opened.prefix}.") and name.endswith(".weight")
@@ -461,16 +472,18 @@ class _TensorJob:
         if self.aim is not None and self.aim.transposed:
             return False
         dtypes = [self.dtype, TORCH_DTYPES.get(self.opened.base.dtype(self.name), torch.int64)]
-        for entry in self.recipe.models:
-            source = self.opened.inputs[entry.model]
+        for source in self.sources:
             if isinstance(source, Checkpoint) and source.has(self.name):
                 dtypes.append(TORCH_DTYPES.get(source.dtype(self.name), torch.int64))
         return chunked_merge_applies(self.plan, dtypes)
 
     def merged(self, base_tensor: torch.Tensor, generator, plan: MergePlan | None = None) -> MergeResult:
-        """The merge of this tensor as ``plan`` (default: its own) says, in the stored layout."""
+        """The merge of this tensor as ``plan`` (default: its own) says, in the stored layout; each input's
+        tensor read once (the base's is ``base_tensor``, also where the base is one of the inputs)."""
         plan = plan or self.plan
-        finetuned = [finetuned_tensor(self.opened.inputs[e.model], self.name, base_tensor) for e in self.recipe.models]
+        base = self.opened.base
+        finetuned = [base_tensor if source is base or (isinstance(source, Checkpoint) and source.path == base.path)
+                     else finetuned_tensor(source, self.name, base_tensor) for source in self.sources]
         if self.transposed:
             result = merge_with_plan(plan, base_tensor.T, [f.T for f in finetuned], generator)
             return replace(result, tensor=result.tensor.T.contiguous())
@@ -484,7 +497,7 @@ class _TensorJob:
         else:
             result = self.merged(base_tensor, generator)
         merged = self.relaxed(base_tensor, result.tensor)
-        changed = (merged != base_tensor).float().mean().item() if self.method.on == "deltas" else None
+        changed = (merged != base_tensor).float().mean().item() if self.plan.uses_base else None
         writer.add(self.name, merged.to(out_dtype) if out_dtype else merged)
         return result, changed
 
@@ -493,8 +506,7 @@ class _TensorJob:
         base, name = self.opened.base, self.name
         base_rows = base.rows(name)
         readers, base_tensor = [], None
-        for entry in self.recipe.models:
-            source = self.opened.inputs[entry.model]
+        for source in self.sources:
             if isinstance(source, LoraAdapter) and source.adapts(name):  # the LoRA product is made whole
                 if base_tensor is None:
                     base_tensor = base.tensor(name).to(self.dtype)
@@ -532,6 +544,10 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
                 norms: list, linear_map: bool | None = None) -> MergePlan:
     """The merge plan of tensor ``name`` (``shape`` as it is scored): per-model and global parameters
     resolved at its layer position ``t``, the recipe's sparsifier options where the sparsifier takes them."""
+    if method.on == "tensors":  # mergekit's methods on whole tensors: the parameters their rows declare
+        uses_base, inputs = recipe.inputs()
+        return plan_merge(method.name, shape, len(inputs), None, parameters=method_parameters(recipe, name, t),
+                          with_base=uses_base)
     params = recipe.parameters or {}
     scopes = [(entry.parameters, recipe.parameters) for entry in recipe.models]
     weights = [resolve("weight", s, name, t) for s in scopes]
