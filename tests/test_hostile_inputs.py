@@ -684,6 +684,15 @@ def test_random_recipes_through_the_cli_never_give_a_traceback(tmp_path_factory,
         refused(result)
 
 
+@pytest.mark.parametrize("key", ["none", "list", "str"])
+def test_an_unknown_key_spelt_like_a_type_is_named(key):
+    """Found by the fuzzer: ``{'none': None}`` lost its key among pydantic's type tags (an IndexError)."""
+    with pytest.raises(RecipeError, match=f"unknown key '{key}'"):
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "m"}], key: None})
+    with pytest.raises(RecipeError, match=f"unknown key 'models.0.{key}'"):
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", key: 1}]})
+
+
 def test_a_home_directory_of_no_user_is_a_recipe_error(tmp_path):
     """Found by the fuzzer: ``~0`` names the home of a user that does not exist."""
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": "~0",

@@ -294,6 +294,8 @@ def explain(exc: ValidationError, source: str, root: type[BaseModel], section: s
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     tags = _model_names(root)
     parts = [str(p) for p in err["loc"] if not _is_pydantic_tag(p, tags)]
+    if err["type"] == "extra_forbidden":  # the unknown key itself, even one spelt like a tag ("none", "list")
+        parts = [str(p) for p in err["loc"][:-1] if not _is_pydantic_tag(p, tags)] + [str(err["loc"][-1])]
     loc = ".".join([section, *parts] if section else parts)
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key {loc!r}{did_you_mean(parts[-1], _fields_at(root, err['loc'][:-1]))}"
