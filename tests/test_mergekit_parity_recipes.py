@@ -190,6 +190,14 @@ def test_bad_recipes_are_refused_in_one_line_before_loading(case):
         assert word in message, (word, message)
 
 
+@pytest.mark.parametrize("value", [10 ** 400, float("nan")])
+def test_a_number_beyond_floats_is_refused_not_a_crash(value):
+    for method, models, parameters in [("ties", [("ft1", {"weight": value})], None),
+                                       ("slerp", ["ft1"], {"t": value})]:
+        with pytest.raises(RecipeError, match="must be a finite number"):
+            parse_recipe(recipe_of(FAKE, method, models, parameters))
+
+
 def test_the_command_line_refuses_a_bad_recipe_with_one_line(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(bad_recipe("slerp with two other models")))

@@ -204,8 +204,12 @@ class Parameter:
                     f"{did_you_mean(str(value), [str(c) for c in self.choices])}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {'an integer' if self.kind == 'integer' else 'a number'}, got {short_repr(value)}"
-        if not math.isfinite(value):
-            return f"must be a finite number, got {value}"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond float's range
+            finite = False
+        if not finite:
+            return f"must be a finite number, got {short_repr(value)}"
         if self.kind == "integer" and value != int(value):
             return f"must be an integer, got {value}"
         if self.check is not None and not self.check(value):
