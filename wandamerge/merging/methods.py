@@ -466,26 +466,52 @@ def method_inputs(spec: MergeMethod, base: str | None, models: Sequence[str]) ->
     else:
         inputs = [i for i, model in enumerate(models) if model != base]
         uses_base = base is not None
-    chosen = [base if i is None else models[i] for i in inputs]
-    twice = sorted({m for m in chosen if chosen.count(m) > 1})
-    if spec.on == "tensors" and twice:
-        raise ConfigError(f"merge_method {spec.name!r} merges distinct models, and {', '.join(twice)} is listed twice")
+    if spec.on == "tensors":
+        _check_distinct(spec, [base if i is None else models[i] for i in inputs])
     check_model_count(spec, len(inputs), uses_base)
     return uses_base, inputs
 
 
-def check_model_count(spec: MergeMethod, n: int, uses_base: bool) -> None:
-    """ConfigError unless ``spec`` merges ``n`` models (besides the base when ``uses_base``)."""
+def slice_inputs(spec: MergeMethod, base: str | None, sources: Sequence[str]) -> tuple[bool, list[int]]:
+    """How the sources of one slice of a ``slices:`` recipe feed ``spec`` (mergekit's rule for a group of
+    inputs, ``InputContract.validate_ids``): a method that takes a base (not ``base="none"``, and not a
+    method on weights, as mergekit's linear takes none) merges ``base`` as the base, and it must be one of
+    the sources (then it is no input); every other source is an input. The sources are distinct models,
+    counted as the row says (ConfigError, one line)."""
+    takes_base = spec.base != "none" and spec.on != "weights"
+    base = base if takes_base else None
+    if spec.base == "required" and base is None:
+        raise ConfigError(f"merge_method {spec.name!r} needs a base_model")
+    if base is not None and base not in sources:
+        raise ConfigError(f"the base_model {base} is none of the sources ({', '.join(sources)}); merge_method "
+                          f"{spec.name!r} reads the base's layers from a source: list it, with a layer_range as "
+                          f"long as the others'")
+    _check_distinct(spec, list(sources))
+    inputs = [i for i, model in enumerate(sources) if model != base]
+    check_model_count(spec, len(inputs), base is not None, noun="source")
+    return base is not None, inputs
+
+
+def _check_distinct(spec: MergeMethod, models: list[str]) -> None:
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ConfigError(f"merge_method {spec.name!r} merges distinct models, and {', '.join(twice)} is listed twice")
+
+
+def check_model_count(spec: MergeMethod, n: int, uses_base: bool, noun: str = "model") -> None:
+    """ConfigError unless ``spec`` merges ``n`` models (besides the base when ``uses_base``); ``noun``: what
+    the recipe lists them as (``models``, or a slice's ``source``s)."""
     low, high = spec.models
     if low <= n and (high is None or n <= high):
         return
     wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
     plural = "s" if (high or low) != 1 else ""
-    if spec.base == "none":
-        what = f"{wanted} model{plural} (a base_model not listed under models is one more)"
+    if spec.base == "none" or (noun != "model" and not uses_base):
+        what = f"{wanted} {noun}{plural}" + (" (a base_model not listed under models is one more)"
+                                             if noun == "model" else "")
     else:
-        what = f"{wanted} model{plural} besides the base_model" + (" (a listed base_model is the base)"
-                                                                    if uses_base else "")
+        listed = " (a listed base_model is the base)" if noun == "model" else ""
+        what = f"{wanted} {noun}{plural} besides the base_model" + (listed if uses_base else "")
     raise ConfigError(f"merge_method {spec.name!r} merges {what}, got {n}")
 
 
@@ -873,6 +899,6 @@ __all__ = [
     "COMBINERS", "ELECTIONS", "GRAM_COMBINERS", "MERGE_METHODS", "NORM_COMBINERS", "MergeMethod", "MergeResult",
     "Parameter", "TASK_ARITHMETIC_PARAMETERS", "activation_ties_combine", "activation_votes", "agreement_mask",
     "check_model_count", "disjoint_merge", "elect_sign", "exclusive_combine", "get_method", "merge_tensor",
-    "merge_tensor_detailed", "merge_with_plan", "method_inputs", "plan_merge", "register_method",
+    "merge_tensor_detailed", "merge_with_plan", "method_inputs", "plan_merge", "register_method", "slice_inputs",
     "ties_combine", "weight_deltas", "weighted_average", "weighted_sum",
 ]
