@@ -16,14 +16,20 @@ conditions matched against the tensor name. ``int8_mask`` is mergekit's
 memory option for its masks: accepted so its recipes run unchanged, with no
 effect on the result (no int8 mask is ever built here).
 
+A ``slices:`` recipe (:class:`SlicesRecipe`) stacks layer ranges of models instead: each slice's
+``sources: [{model, layer_range: [start, end], parameters}]`` (all of one length) are merged layer by
+layer, with the slice's ``base_model`` and ``parameters``; ``modules: {default: {slices | models,
+parameters}}`` is mergekit's spelling of the same for the one module of a decoder-only model.
+
 :func:`validated` and :func:`explain` turn any pydantic error of a typed
 config (recipes, run recipes, job configs) into one line naming the key.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core.selection import parse_pattern
 from .errors import RecipeError, did_you_mean, short_repr
 from .io.dtypes import DTYPE_NAMES
-from .merging.methods import MERGE_METHODS, MergeMethod, method_inputs
+from .merging.methods import MERGE_METHODS, MergeMethod, method_inputs, slice_inputs
 from .merging.sparsify import SPARSIFIERS
 
 Scalar = Union[bool, int, float, str]
@@ -151,12 +157,15 @@ class ModelCalibration(BaseModel):
     batch_size: int | None = Field(None, gt=0)
 
 
-class ModelEntry(_WithParameters):
+class InputModel(_WithParameters):
     _where: ClassVar[str] = "a model's parameters"
     model: str
-    calibration: ModelCalibration | None = None
 
     _home = field_validator("model", mode="before")(expand_home)
+
+
+class ModelEntry(InputModel):
+    calibration: ModelCalibration | None = None
 
 
 class Sparsify(BaseModel):
@@ -198,17 +207,43 @@ def model_calibration(recipe: "MergeRecipe", index: int) -> Calibration:
     return Calibration(**{**shared, **(own.model_dump(exclude_none=True) if own else {})})
 
 
-class MergeRecipe(_WithParameters):
+@dataclass(frozen=True)
+class MergeGroup:
+    """The models one output tensor is merged from, as the method's row takes them (mergekit's
+    ``ConfigReader``): whether ``base`` is merged as the base, the method's ``inputs`` in order with each
+    one's parameter scopes (its own first), and the scopes of the global parameters, highest precedence
+    first. A ``models:`` recipe has one group; a ``slices:`` recipe one per slice."""
+
+    uses_base: bool
+    base: str | None
+    inputs: tuple[str, ...]
+    input_scopes: tuple[tuple[dict | None, ...], ...]
+    shared: tuple[dict | None, ...]
+
+
+def check_required(method: MergeMethod, group: MergeGroup, where: str = "") -> None:
+    """A parameter without a default is set at some scope of every input (a per-model one) or globally."""
+    for parameter in method.parameters:
+        if not parameter.required or any(parameter.name in (scope or {}) for scope in group.shared):
+            continue
+        if not parameter.per_model:
+            raise ValueError(f"{where}merge_method {method.name!r} needs parameter {parameter.name!r}; "
+                             f"set parameters.{parameter.name}")
+        for model, scopes in zip(group.inputs, group.input_scopes):
+            if not any(parameter.name in (scope or {}) for scope in scopes):
+                raise ValueError(f"{where}model {model} has no {parameter.name}; set parameters.{parameter.name} "
+                                 f"(for each model, or once in the top-level parameters)")
+
+
+class _Recipe(_WithParameters):
+    """What every merge recipe holds besides its inputs."""
+
     _where: ClassVar[str] = "the global parameters"
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
-    sparsify: Sparsify | None = None
-    calibration: Calibration | None = None
-    aim: Aim | None = None
 
     _home = field_validator("base_model", "tokenizer_source", mode="before")(expand_home)
 
@@ -228,8 +263,41 @@ class MergeRecipe(_WithParameters):
         return self._asks("election", "activation")
 
     def _asks(self, parameter: str, value) -> bool:
-        setting = (self.parameters or {}).get(parameter)
-        return setting is not None and value in _leaf_values(setting)
+        return any(value in _leaf_values(params[parameter]) for _, params, _ in self.parameter_levels()
+                   if params and parameter in params)
+
+    def parameter_levels(self) -> list[tuple[str, dict | None, bool]]:
+        """Every place the recipe sets parameters: (where, parameters, whether it is one model's own)."""
+        return [("the global parameters", self.parameters, False)]
+
+    def input_models(self) -> list[str]:
+        """Every model the recipe lists as an input, each once, in order of appearance."""
+        raise NotImplementedError
+
+    def referenced_models(self) -> list[str]:
+        """The input models, then the base_model (each once)."""
+        return list(dict.fromkeys(self.input_models() + ([self.base_model] if self.base_model else [])))
+
+    def _method(self) -> MergeMethod:
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge_method {self.merge_method!r}{did_you_mean(self.merge_method, MERGE_METHODS)}")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+        return MERGE_METHODS[self.merge_method]
+
+
+class MergeRecipe(_Recipe):
+    models: list[ModelEntry] = Field(min_length=1)
+    sparsify: Sparsify | None = None
+    calibration: Calibration | None = None
+    aim: Aim | None = None
+
+    def parameter_levels(self) -> list[tuple[str, dict | None, bool]]:
+        return super().parameter_levels() + [(f"models[{i}] ({m.model})", m.parameters, True)
+                                             for i, m in enumerate(self.models)]
+
+    def input_models(self) -> list[str]:
+        return list(dict.fromkeys(m.model for m in self.models))
 
     def inputs(self) -> tuple[bool, list[ModelEntry]]:
         """(whether the base_model is merged as the base, the method's inputs in order: the entries of
@@ -239,28 +307,17 @@ class MergeRecipe(_WithParameters):
                                            [m.model for m in self.models])
         return uses_base, [ModelEntry(model=self.base_model) if i is None else self.models[i] for i in indices]
 
-    def _check_required(self, method: MergeMethod) -> None:
-        """A parameter without a default is set for every input (a per-model one) or globally."""
-        inputs = self.inputs()[1]
-        for parameter in method.parameters:
-            if not parameter.required or parameter.name in (self.parameters or {}):
-                continue
-            if not parameter.per_model:
-                raise ValueError(f"merge_method {self.merge_method!r} needs parameter {parameter.name!r}; "
-                                 f"set parameters.{parameter.name}")
-            for entry in inputs:
-                if parameter.name not in (entry.parameters or {}):
-                    raise ValueError(f"model {entry.model} has no {parameter.name}; set parameters.{parameter.name} "
-                                     f"(for each model, or once in the top-level parameters)")
+    def group(self) -> MergeGroup:
+        """The one group of a ``models:`` recipe: each input's own parameters, then the global ones."""
+        uses_base, inputs = self.inputs()
+        return MergeGroup(uses_base, self.base_model, tuple(e.model for e in inputs),
+                          tuple((e.parameters, self.parameters) for e in inputs), (self.parameters,))
 
     @model_validator(mode="after")
     def consistent(self):
-        if self.merge_method not in MERGE_METHODS:
-            raise ValueError(f"unknown merge_method {self.merge_method!r}{did_you_mean(self.merge_method, MERGE_METHODS)}")
-        method = MERGE_METHODS[self.merge_method]
+        method = self._method()
         self.inputs()  # the base and the number of models the method takes (a ConfigError is a ValueError)
-        check_method_parameters(method, [("the global parameters", self.parameters, False)]
-                                + [(f"models[{i}] ({m.model})", m.parameters, True) for i, m in enumerate(self.models)])
+        check_method_parameters(method, self.parameter_levels())
         if self.sparsify is not None and method.unsparsified:
             raise ValueError(f"merge_method {self.merge_method!r} takes no sparsify section: {method.unsparsified} "
                              f"(mergekit sparsifies nothing in it); remove the section")
@@ -280,10 +337,208 @@ class MergeRecipe(_WithParameters):
                              f"{self.merge_method!r} elects no sign; use ties, dare_ties, della or breadcrumbs_ties")
         if self.aim is not None and not self.base_model:
             raise ValueError("aim relaxes the merged update against the base: set base_model")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
-        self._check_required(method)
+        check_required(method, self.group())
         return self
+
+
+# ----------------------------------------------------------------------------- slices recipes
+
+
+class SliceSource(InputModel):
+    _where: ClassVar[str] = "a source's parameters"
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def valid_range(cls, value):
+        ints = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ints or not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range must be [start, end] with 0 <= start < end (the layers start to end - 1), "
+                             f"got {short_repr(value)}")
+        return tuple(value)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+def check_slice_lengths(sources: list[SliceSource]) -> None:
+    """Every source of a slice gives the same number of layers (mergekit's rule)."""
+    if len({s.num_layers for s in sources}) > 1:
+        ranges = ", ".join(f"{s.model} [{s.layer_range[0]}, {s.layer_range[1]}]" for s in sources)
+        raise ValueError(f"sources of unequal length ({ranges}); every source of a slice gives the same number "
+                         f"of layers")
+
+
+class OutputSlice(_WithParameters):
+    _where: ClassVar[str] = "a slice's parameters"
+    sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: float | None = None  # in mergekit 0.1.5's schema, read nowhere there: accepted, no effect
+
+    _home = field_validator("base_model", mode="before")(expand_home)
+
+    @field_validator("sources")
+    @classmethod
+    def some_sources(cls, value):
+        if not value:
+            raise ValueError("a slice with no sources; list at least one {model, layer_range}")
+        check_slice_lengths(value)
+        return value
+
+
+class OutputModule(_WithParameters):
+    _where: ClassVar[str] = "a module's parameters"
+    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = None
+
+    @model_validator(mode="after")
+    def one_kind(self):
+        if bool(self.slices) == bool(self.models):
+            raise ValueError("a module lists its inputs under one of 'slices' or 'models'")
+        return self
+
+
+# What a slices recipe refuses, and why: wandamerge's own sections and methods that read calibration
+# activations keyed by the base's tensor names (a stacked model has no such base), and methods that merge
+# linear maps only (found in a model's blocks, not in a slice's).
+OWN_SECTIONS = ("sparsify", "calibration", "aim")
+SINGLE_MODULE = "default"  # mergekit's name for the one module of a decoder-only architecture
+
+
+def slices_problem(method: MergeMethod) -> str | None:
+    """Why ``method`` cannot merge the layers of a ``slices:`` recipe, or None."""
+    score = SPARSIFIERS.get(method.score) if method.score else None
+    if method.needs_grams or method.needs_norms or method.propagate or (score and score.needs_input_norms):
+        return "it reads calibration activations of the base model, and a slices recipe stacks layers of several"
+    if method.linear_maps_only:
+        return "it merges the linear maps of a model's blocks only"
+    return None
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """The sources one output tensor of a slices recipe is merged from: ``where`` (for messages), the
+    models in source order, and the method's view of them (:class:`MergeGroup`)."""
+
+    where: str
+    models: tuple[str, ...]
+    merge: MergeGroup
+
+
+class SlicesRecipe(_Recipe):
+    """A mergekit ``slices:`` (or ``modules:``) recipe: the output's decoder blocks are the slices' layers,
+    in order. Each slice merges its sources layer by layer (``t`` runs from 0 to 1 over the slice's layers),
+    with its ``base_model`` (else the recipe's) and its parameters between its sources' own and the global
+    ones (a module's parameters in between). The tensors before the blocks are merged from the first
+    slice's sources as that slice says, those after them from the last slice's (mergekit's ``plan.py``)."""
+
+    slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
+    sparsify: ClassVar[None] = None  # wandamerge's own sections, refused here: see OWN_SECTIONS
+    calibration: ClassVar[None] = None
+    aim: ClassVar[None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_own_sections(cls, data):
+        given = [key for key in OWN_SECTIONS if isinstance(data, dict) and key in data]
+        if given:
+            raise ValueError(f"{given[0]!r} is not supported in a slices recipe (a section of wandamerge's own: it "
+                             f"reads one base model's activations by tensor name, and a stacked model has no one "
+                             f"base); remove it")
+        return data
+
+    def module(self) -> OutputModule:
+        return self.modules[SINGLE_MODULE] if self.modules else OutputModule(slices=self.slices)
+
+    def parameter_levels(self) -> list[tuple[str, dict | None, bool]]:
+        module = self.module()
+        levels = super().parameter_levels()
+        if self.modules:
+            levels.append((f"modules.{SINGLE_MODULE}.parameters", module.parameters, False))
+            levels += [(f"modules.{SINGLE_MODULE}.models.{i} ({m.model})", m.parameters, True)
+                       for i, m in enumerate(module.models or [])]
+        for i, piece in enumerate(module.slices or []):
+            levels.append((f"{self._where_slices()}.{i}.parameters", piece.parameters, False))
+            levels += [(f"{self._where_slices()}.{i}.sources.{j} ({s.model})", s.parameters, True)
+                       for j, s in enumerate(piece.sources)]
+        return levels
+
+    def _where_slices(self) -> str:
+        return f"modules.{SINGLE_MODULE}.slices" if self.modules else "slices"
+
+    def input_models(self) -> list[str]:
+        """The sources' models (a slice's own base_model is one of its sources, or unused)."""
+        module = self.module()
+        return list(dict.fromkeys([m.model for m in module.models or []]
+                                  + [s.model for piece in module.slices or [] for s in piece.sources]))
+
+    def output_slices(self, layers_of: Callable[[str], int] = lambda model: 1) -> list[OutputSlice]:
+        """The slices, in order. ``modules: {default: {models}}`` is one slice of every model's whole layer
+        range (``layers_of`` gives it), the base_model added as a source when not listed (mergekit's
+        ``normalize_config``); the ranges of that slice are checked when the models' configs are read."""
+        module = self.module()
+        if module.slices:
+            return module.slices
+        entries = list(module.models) + ([InputModel(model=self.base_model)] if self.base_model and self.base_model
+                                         not in [m.model for m in module.models] else [])
+        sources = [SliceSource.model_construct(model=e.model, parameters=e.parameters,
+                                               layer_range=(0, layers_of(e.model))) for e in entries]
+        return [OutputSlice.model_construct(sources=sources, base_model=None, parameters=None, residual_weight=None)]
+
+    def source_groups(self, slices: list[OutputSlice]) -> list[SourceGroup]:
+        """One group per slice, then the group of the tensors after the blocks: the last slice's sources, as
+        many as the first slice has (mergekit pairs the two lists, so the shorter decides)."""
+        method, module = MERGE_METHODS[self.merge_method], self.module()
+        last = len(slices) - 1
+        spans = [(i, len(piece.sources)) for i, piece in enumerate(slices)] + [(last, len(slices[0].sources))]
+        groups = []
+        for i, count in spans:
+            piece = slices[i]
+            name = (f"{self._where_slices()}.{i}" if module.slices else
+                    f"modules.{SINGLE_MODULE}.models (a base_model not listed is one more)")
+            sources = piece.sources[:count]
+            models = [s.model for s in sources]
+            try:
+                uses_base, indices = slice_inputs(method, piece.base_model or self.base_model, models)
+            except ValueError as exc:
+                tail = " (its first sources, as many as the first slice's, merge the tensors after the blocks)" \
+                    if count < len(piece.sources) else ""
+                raise ValueError(f"{name}{tail}: {exc}") from None
+            shared = (piece.parameters, module.parameters, self.parameters)
+            merge = MergeGroup(uses_base, piece.base_model or self.base_model if uses_base else None,
+                               tuple(models[j] for j in indices),
+                               tuple((sources[j].parameters, *shared) for j in indices), shared)
+            groups.append(SourceGroup(name, tuple(models), merge))
+        return groups
+
+    @model_validator(mode="after")
+    def consistent(self):
+        if bool(self.slices) + bool(self.modules) != 1:
+            raise ValueError("a recipe lists its inputs under exactly one of 'models', 'slices' or 'modules'")
+        if self.modules and set(self.modules) != {SINGLE_MODULE}:
+            other = next(name for name in self.modules if name != SINGLE_MODULE)
+            raise ValueError(f"modules: the supported architectures have one module, {SINGLE_MODULE!r} (mergekit's "
+                             f"name for a decoder-only model), got {other!r}")
+        method = self._method()
+        problem = slices_problem(method)
+        if problem:
+            raise ValueError(f"merge_method {self.merge_method!r} cannot merge slices: {problem}; use one of "
+                             f"mergekit's methods, or a models: recipe")
+        groups = self.source_groups(self.output_slices())  # the base and the sources each slice's method takes
+        check_method_parameters(method, self.parameter_levels())
+        for parameter, value in (("rescale", "gram"), ("election", "activation")):
+            if self._asks(parameter, value):
+                raise ValueError(f"{parameter}: {value} reads calibration activations, which a slices recipe "
+                                 f"does not collect; remove it")
+        for group in groups:
+            check_required(method, group.merge, f"{group.where}: ")
+        return self
+
+
+Recipe = Union[MergeRecipe, SlicesRecipe]
 
 
 def explain(exc: ValidationError, source: str, root: type[BaseModel], section: str | None = None) -> str:
@@ -338,14 +593,22 @@ def _fields_at(root: type[BaseModel], path) -> list[str]:
     """The keys of the model found by walking ``path`` (field names and list indices) from ``root``."""
     model: Any = root
     names = _model_names(root)
+    key_next = False  # the part after a mapping's field is one of its keys (modules: {default: ...})
     for part in path:
-        if isinstance(part, int) or _is_pydantic_tag(part, names):
+        if isinstance(part, int) or _is_pydantic_tag(part, names) or key_next:
+            key_next = False
             continue
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:
             return []
         model = _inner_model(field.annotation) or field.annotation
+        key_next = _is_mapping(field.annotation)
     return list(getattr(model, "model_fields", {}))
+
+
+def _is_mapping(annotation) -> bool:
+    """Whether an annotation such as ``dict[str, X] | None`` is a mapping."""
+    return get_origin(annotation) is dict or any(get_origin(arg) is dict for arg in get_args(annotation))
 
 
 def _inner_model(annotation):
@@ -368,12 +631,15 @@ def validated(model: type[BaseModel], data: Any, source: str, section: str | Non
         raise error(explain(exc, source, model, section)) from None
 
 
-def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """A :class:`MergeRecipe` (``models:``) or a :class:`SlicesRecipe` (``slices:`` or ``modules:``)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping (merge_method, base_model, models, ...)")
-    if "slices" in data or "modules" in data:
-        raise RecipeError(f"{source}: 'slices' and 'modules' recipes are not supported; list whole models under 'models'")
-    return validated(MergeRecipe, data, source)
+    given = [key for key in ("models", "slices", "modules") if key in data]
+    if len(given) > 1:
+        raise RecipeError(f"{source}: a recipe lists its inputs under one of 'models', 'slices' or 'modules', "
+                          f"and this one has {' and '.join(map(repr, given))}")
+    return validated(SlicesRecipe if given and given[0] != "models" else MergeRecipe, data, source)
 
 
 def read_recipe_file(path: str | Path) -> tuple[Any, str]:
@@ -395,7 +661,7 @@ def read_recipe_file(path: str | Path) -> tuple[Any, str]:
         raise RecipeError(f"{path} is not valid YAML{where}: {' '.join(str(problem).split())}") from None
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
+def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(read_recipe_file(path)[0], str(path))
 
 
@@ -437,10 +703,18 @@ def resolve(name: str, scopes, tensor_name: str, t: float, default=None):
 
 
 def method_parameters(recipe: MergeRecipe, tensor_name: str, t: float) -> dict:
-    """Every parameter the recipe's method declares, for tensor ``tensor_name`` at layer position ``t``: a
-    global one from the top-level parameters, a per-model one as a list over the method's inputs (each
-    input's own parameters first, then the top-level ones, as mergekit); None where no level sets it
-    (the method's default then applies)."""
-    method, inputs = MERGE_METHODS[recipe.merge_method], recipe.inputs()[1]
-    return {p.name: [resolve(p.name, (entry.parameters, recipe.parameters), tensor_name, t) for entry in inputs]
-            if p.per_model else resolve(p.name, (recipe.parameters,), tensor_name, t) for p in method.parameters}
+    """Every parameter the recipe's method declares, for tensor ``tensor_name`` at layer position ``t``
+    (:func:`group_parameters` of the recipe's one group)."""
+    return group_parameters(MERGE_METHODS[recipe.merge_method], recipe.group(), tensor_name, t)
+
+
+def group_parameters(method: MergeMethod, group: MergeGroup, tensor_name: str, t: float,
+                     input_names: list[str] | None = None) -> dict:
+    """Every parameter ``method`` declares, for tensor ``tensor_name`` at layer position ``t``: a global one
+    from the group's shared scopes, a per-model one as a list over the group's inputs (each input's own
+    parameters first, then the shared ones, as mergekit), its filters matched against that input's tensor
+    name (``input_names``; default ``tensor_name``: mergekit's ``resolve_parameters``); None where no scope
+    sets it (the method's default then applies)."""
+    names = input_names or [tensor_name] * len(group.inputs)
+    return {p.name: [resolve(p.name, scopes, name, t) for scopes, name in zip(group.input_scopes, names)]
+            if p.per_model else resolve(p.name, group.shared, tensor_name, t) for p in method.parameters}

@@ -23,7 +23,6 @@ import json
 import itertools
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -49,11 +48,13 @@ from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_prefix, load_model,
+from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_of, block_prefix, load_model,
                       load_tokenizer, local_model_dir)
-from ..recipe import Calibration, MergeRecipe, method_parameters, model_calibration, resolve
+from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
+                      method_parameters, model_calibration, resolve)
 from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
 from .merge_inputs import check_compatible, open_inputs
+from .slices import StackedLayout, StackedTensor, stacked_layout
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +124,24 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
 
 def layer_position(name: str, prefix: str, num_layers: int) -> float:
     """mergekit's ``t`` for gradients: layer index / (layers - 1); 0 outside the blocks."""
-    match = re.match(rf"^{re.escape(prefix)}\.(\d+)\.", name)
-    if not match:
+    found = block_of(name, prefix)
+    if found is None:
         return 0.0
-    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    return found[0] / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
+def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
           overwrite: bool = False, progress: bool = True, max_shard_size: str = DEFAULT_SHARD_SIZE,
           low_memory: bool | None = None) -> dict:
     """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
 
-    The merge itself streams one tensor per input. ``low_memory`` concerns the
+    The merge itself streams one tensor per input (a slices recipe: :func:`merge_slices`). ``low_memory`` concerns the
     calibration pass of activation scores: read the base one block at a time from
     its shards (``None``: when the base would take more than half the available RAM).
     """
+    if isinstance(recipe, SlicesRecipe):
+        return merge_slices(recipe, out, recipe_text=recipe_text, overwrite=overwrite, progress=progress,
+                            max_shard_size=max_shard_size)
     t_start = time.perf_counter()
     clock = StageClock()
     with clock.stage("open_and_check"):
@@ -157,23 +161,41 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
                                                                   None if propagate else spill, aim_only=propagate)
                 calib_record = calib_record or record
             cleanup = on_error.pop_all()
+    try:
+        return _write_merge(
+            recipe, out, overwrite, recipe_text, clock, t_start, device,
+            {spec: opened.inputs[spec] for spec in _specs(recipe)}, opened.base_dir,
+            _out_dtype(recipe) or _dtype_of(opened.base),
+            lambda tmp: _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size, progress,
+                                       precomputed),
+            {"calibration": calib_record, "notes": opened.notes})
+    finally:
+        cleanup.close()
+
+
+def _write_merge(recipe: Recipe, out: Path, overwrite: bool, recipe_text: str | None, clock: StageClock,
+                 t_start: float, device: str, inputs: dict, base_dir: Path, dtype, write_tensors, extra: dict,
+                 config: dict | None = None) -> dict:
+    """The staged output of a merge: ``write_tensors(tmp)`` (the per-tensor record and the fallbacks), the
+    config (``config``, default the base's) and tokenizer, the run record and the model card. ``inputs``:
+    model argument -> the opened input, hashed beside the merge with the base."""
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
-    digests = {spec: hashing.submit(input_digests, opened.inputs[spec].path) for spec in _specs(recipe)}
-    digests[None] = hashing.submit(input_digests, opened.base_dir)
+    digests = {spec: hashing.submit(input_digests, source.path) for spec, source in inputs.items()}
+    listed = next((spec for spec, source in inputs.items() if Path(source.path) == Path(base_dir)), None)
+    digests[None] = digests[listed] if listed is not None else hashing.submit(input_digests, base_dir)
     try:
         with staged_output(out, overwrite) as tmp:
             with clock.stage("merge_and_write"):
-                per_tensor, fallbacks = _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size,
-                                                       progress, precomputed)
-            _write_config_and_tokenizer(recipe, opened.base_dir, tmp, _out_dtype(recipe) or _dtype_of(opened.base))
+                per_tensor, fallbacks = write_tensors(tmp)
+            _write_config_and_tokenizer(recipe, base_dir, tmp, dtype, config)
             record = {
                 "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
-                "score": score, "group": _group(recipe), "pattern": _pattern(recipe) or "unstructured",
-                "calibration": calib_record,
-                "inputs": {spec: {"kind": opened.inputs[spec].kind, "sha256": digests[spec].result()}
-                           for spec in _specs(recipe)},
-                "base": {"path": str(opened.base_dir), "sha256": digests[None].result()},
-                "notes": opened.notes, "fallbacks": fallbacks, "per_tensor": per_tensor, "versions": versions(),
+                "score": _score(recipe), "group": _group(recipe), "pattern": _pattern(recipe) or "unstructured",
+                **extra,
+                "inputs": {spec: {"kind": source.kind, "sha256": digests[spec].result()}
+                           for spec, source in inputs.items()},
+                "base": {"path": str(base_dir), "sha256": digests[None].result()},
+                "fallbacks": fallbacks, "per_tensor": per_tensor, "versions": versions(),
                 "seconds": {**clock.seconds, "total": round(time.perf_counter() - t_start, 4)},
                 "peak_memory": peak_memory(device),
             }
@@ -181,8 +203,69 @@ def merge(recipe: MergeRecipe, out: str | Path, *, recipe_text: str | None = Non
             (tmp / "README.md").write_text(merge_card(recipe, recipe_text, record))
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
-        cleanup.close()
     return record
+
+
+# ----------------------------------------------------------------------------- slices recipes
+
+
+def merge_slices(recipe: SlicesRecipe, out: str | Path, *, recipe_text: str | None = None, overwrite: bool = False,
+                 progress: bool = True, max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
+    """A slices recipe: the output's blocks stacked from the slices' layers as :mod:`.slices` lays them out.
+    Every tensor is planned (parameters resolved, required ones checked) before any is read; then each is
+    merged in turn, each source's tensor read once and dropped. Returns the run record, whose ``layers``
+    says where each output block comes from."""
+    t_start, clock = time.perf_counter(), StageClock()
+    with clock.stage("open_and_check"):
+        layout = stacked_layout(recipe)
+        out = check_output_dir(out, [str(c.path) for c in layout.checkpoints.values()], overwrite)
+        method, compute_dtype = get_method(recipe.merge_method), torch_dtype(recipe.dtype)
+        jobs = [_StackedJob(recipe, method, tensor, layout, compute_dtype) for tensor in layout.tensors]
+    out_dtype = _out_dtype(recipe)
+
+    def write_tensors(tmp: Path) -> tuple[dict, dict]:
+        generator = torch.Generator().manual_seed(0)
+        writer = ShardWriter(tmp, [(job.tensor.name, job.shape, out_dtype or job.dtype) for job in jobs],
+                             max_shard_size)
+        per_tensor = {}
+        for job in tqdm(jobs, desc=f"{recipe.merge_method} slices", disable=not progress):
+            result = job.merged(generator)
+            writer.add(job.tensor.name, result.tensor.to(out_dtype) if out_dtype else result.tensor)
+            per_tensor[job.tensor.name] = {"sparsifier": result.sparsifier, "from": job.origin()}
+        writer.close()
+        return per_tensor, {}
+
+    return _write_merge(recipe, out, overwrite, recipe_text, clock, t_start, "cpu", layout.checkpoints,
+                        layout.donor.path, out_dtype or _dtype_of(layout.donor), write_tensors,
+                        {"calibration": None, "notes": [], "layers": layout.layers}, layout.config)
+
+
+class _StackedJob:
+    """One output tensor of a slices recipe: its plan, and its merge from the group's sources."""
+
+    def __init__(self, recipe: SlicesRecipe, method: MergeMethod, tensor: StackedTensor, layout: StackedLayout,
+                 compute_dtype):
+        self.tensor, group = tensor, tensor.group.merge
+        checkpoints = layout.checkpoints
+        # (checkpoint, name) of the base when the method merges one, then of each input
+        self.reads = [(checkpoints[m], tensor.input_name(m)) for m in ([group.base] if group.uses_base else [])
+                      + list(group.inputs)]
+        reference, name = self.reads[0]  # the base, or the first input: shape and dtype
+        self.shape = tuple(reference.shape(name))
+        self.dtype = compute_dtype or TORCH_DTYPES[reference.dtype(name)]
+        input_names = [tensor.input_name(m) for m in group.inputs]
+        _check_values(method, group, tensor.name, group_parameters(method, group, tensor.name, tensor.t, input_names))
+        self.plan = plan_tensor(recipe, method, tensor.name, tensor.t, self.shape, [None] * len(group.inputs),
+                                group=group, input_names=input_names)
+
+    def origin(self) -> dict[str, str]:
+        return dict(zip(self.tensor.group.models, self.tensor.sources))
+
+    def merged(self, generator) -> MergeResult:
+        tensors = [checkpoint.tensor(name).to(self.dtype) for checkpoint, name in self.reads]
+        if self.plan.uses_base:
+            return merge_with_plan(self.plan, tensors[0], tensors[1:], generator)
+        return merge_with_plan(self.plan, tensors[0], tensors, generator)
 
 
 def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> tuple[MergeInputs, Path]:
@@ -245,19 +328,22 @@ def _pattern(recipe: MergeRecipe) -> str | None:
 def _check_required(recipe: MergeRecipe, opened: MergeInputs) -> None:
     """Every parameter without a default has a value for every tensor (as in mergekit: a weight for every
     model, slerp's t), filters and gradients resolved, checked before any heavy work."""
-    required = [p for p in get_method(recipe.merge_method).parameters if p.required]
-    inputs = recipe.inputs()[1]
-    for name in opened.base.names() if required else []:
-        values = method_parameters(recipe, name, layer_position(name, opened.prefix, opened.num_layers))
-        for parameter in required:
-            value = values[parameter.name]
-            if not parameter.per_model and value is None:
-                raise InputError(f"{recipe.merge_method} has no {parameter.name} for {name}; "
-                                 f"set parameters.{parameter.name}")
-            for entry, own in zip(inputs, value if parameter.per_model else []):
-                if own is None:
-                    raise InputError(f"model {entry.model} has no {parameter.name} for {name}; "
-                                     f"set parameters.{parameter.name}")
+    method = get_method(recipe.merge_method)
+    group = recipe.group()
+    for name in opened.base.names() if any(p.required for p in method.parameters) else []:
+        _check_values(method, group, name,
+                      method_parameters(recipe, name, layer_position(name, opened.prefix, opened.num_layers)))
+
+
+def _check_values(method: MergeMethod, group: MergeGroup, name: str, values: dict) -> None:
+    """Every required parameter of ``method`` has a value for tensor ``name`` (InputError naming it)."""
+    for parameter in (p for p in method.parameters if p.required):
+        value = values[parameter.name]
+        if not parameter.per_model and value is None:
+            raise InputError(f"{method.name} has no {parameter.name} for {name}; set parameters.{parameter.name}")
+        for model, own in zip(group.inputs, value if parameter.per_model else []):
+            if own is None:
+                raise InputError(f"model {model} has no {parameter.name} for {name}; set parameters.{parameter.name}")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -541,37 +627,42 @@ class _TensorJob:
 
 
 def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
-                norms: list, linear_map: bool | None = None) -> MergePlan:
+                norms: list, linear_map: bool | None = None, group: MergeGroup | None = None,
+                input_names: list[str] | None = None) -> MergePlan:
     """The merge plan of tensor ``name`` (``shape`` as it is scored): per-model and global parameters
-    resolved at its layer position ``t``, the recipe's sparsifier options where the sparsifier takes them."""
+    resolved at its layer position ``t`` over ``group``'s scopes (default: the recipe's one group; a
+    per-model one against each input's tensor name, ``input_names``), the recipe's sparsifier options where
+    the sparsifier takes them."""
+    group = group or recipe.group()
     if method.on == "tensors":  # mergekit's methods on whole tensors: the parameters their rows declare
-        uses_base, inputs = recipe.inputs()
-        return plan_merge(method.name, shape, len(inputs), None, parameters=method_parameters(recipe, name, t),
-                          with_base=uses_base)
-    params = recipe.parameters or {}
-    scopes = [(entry.parameters, recipe.parameters) for entry in recipe.models]
-    weights = [resolve("weight", s, name, t) for s in scopes]
-    normalize = resolve("normalize", (params,), name, t)
+        return plan_merge(method.name, shape, len(group.inputs), None,
+                          parameters=group_parameters(method, group, name, t, input_names), with_base=group.uses_base)
+    names = input_names or [name] * len(group.inputs)
+
+    def per_model(key: str, default=None) -> list:
+        return [resolve(key, scopes, own, t, default) for scopes, own in zip(group.input_scopes, names)]
+
+    def shared(key: str):
+        return resolve(key, group.shared, name, t)
+
+    weights, normalize = per_model("weight"), shared("normalize")
     if method.on == "weights":
         return plan_merge(method.name, shape, len(weights), weights, normalize=normalize)
     score = _score(recipe)
     row = get_sparsifier(score) if score else None
-    gammas = [resolve("gamma", s, name, t) for s in scopes]
-    epsilons = [resolve("epsilon", s, name, t) for s in scopes]
+    gammas, epsilons = per_model("gamma"), per_model("epsilon")
     takes = (lambda option: len(shape) == 2 and option in row.options) if row else (lambda option: False)
     return plan_merge(
         method.name, shape, len(weights), weights,
-        None if row is None else [resolve("density", s, name, t, default=1.0) for s in scopes],  # as mergekit
-        score=score, lambda_=resolve("lambda", (params,), name, t), normalize=normalize,
-        rescale=resolve("rescale", (params,), name, t),
+        None if row is None else per_model("density", default=1.0),  # as mergekit
+        score=score, lambda_=shared("lambda"), normalize=normalize, rescale=shared("rescale"),
         gamma=None if all(g is None for g in gammas) else gammas,
         epsilon=None if all(e is None for e in epsilons) else epsilons,
         input_sq_norms=[n.sq_norms for n in norms] if (row and row.needs_input_norms or _needs_norms(recipe))
         and None not in norms else None,
-        election=resolve("election", (params,), name, t),
+        election=shared("election"),
         input_grams=[n.load_gram() for n in norms] if _needs_grams(recipe) and None not in norms else None,
-        alpha=resolve("alpha", (params,), name, t), ridge=resolve("ridge", (params,), name, t), linear_map=linear_map,
-        gram_share=resolve("gram_share", (params,), name, t),
+        alpha=shared("alpha"), ridge=shared("ridge"), linear_map=linear_map, gram_share=shared("gram_share"),
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 
 
@@ -587,8 +678,9 @@ def _dtype_of(base: Checkpoint) -> torch.dtype | None:
     return torch_dtype(name) if name in DTYPE_NAMES else None
 
 
-def _write_config_and_tokenizer(recipe: MergeRecipe, base_dir: Path, out: Path, dtype) -> None:
-    config = json.loads((base_dir / "config.json").read_text())
+def _write_config_and_tokenizer(recipe: Recipe, base_dir: Path, out: Path, dtype, config: dict | None = None) -> None:
+    """``config`` (default: the base's config.json) with the output dtype, the generation config, the tokenizer."""
+    config = dict(config or json.loads((base_dir / "config.json").read_text()))
     if dtype is not None:
         config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
@@ -606,13 +698,13 @@ def _write_config_and_tokenizer(recipe: MergeRecipe, base_dir: Path, out: Path, 
         raise InputError(f"tokenizer_source {source} holds no tokenizer files")
 
 
-def merge_card(recipe: MergeRecipe, recipe_text: str | None, record: dict) -> str:
+def merge_card(recipe: Recipe, recipe_text: str | None, record: dict) -> str:
     text = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    models = "\n".join(f"- `{m.model}`" for m in recipe.models)
+    models = "\n".join(f"- `{model}`" for model in recipe.input_models())
     return "\n".join([
         "---", "library_name: transformers", "tags: [wandamerge, merge]", "---", "",
         f"# Merge: {recipe.merge_method} (score: {record['score'] or 'none'})", "",
-        f"Base model: `{recipe.base_model or recipe.models[0].model}`", "", "Merged models:", models, "",
+        f"Base model: `{recipe.base_model or recipe.input_models()[0]}`", "", "Merged models:", models, "",
         "## Recipe", "", "```yaml", text.strip(), "```", "",
         "Input hashes, per-tensor details, timings and peak memory are in `wandamerge.json`.", "",
     ])

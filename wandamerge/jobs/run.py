@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import RecipeError
 from ..io.staging import check_output_dir, staged_output
 from ..models import resolve_model
-from ..recipe import MergeRecipe, parse_recipe, read_recipe_file, validated
+from ..recipe import Recipe, parse_recipe, read_recipe_file, validated
 from ..report import build_report
 from .evaluate import EvalConfig, evaluate, write_results
 from .merge import merge
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 class RunRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     prune: PruneConfig | None = None
-    merge: Any = None  # a MergeRecipe, validated by recipe.parse_recipe
+    merge: Any = None  # a MergeRecipe or SlicesRecipe, validated by recipe.parse_recipe
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
 
 
@@ -88,8 +88,7 @@ def run_recipe(path: str | Path, out: str | Path, *, device: str = "cpu", overwr
                progress: bool = True) -> dict:
     """Run a recipe's prune or merge, then its evaluation, then the report. Returns the evaluation results."""
     recipe, text = load_run_recipe(path)
-    sources = [recipe.prune.model] if recipe.prune else [m.model for m in recipe.merge.models] + (
-        [recipe.merge.base_model] if recipe.merge.base_model else [])
+    sources = [recipe.prune.model] if recipe.prune else recipe.merge.referenced_models()
     out_path = check_output_dir(out, [s for s in sources if Path(s).exists()], overwrite)
     t0 = time.perf_counter()
     with staged_output(out_path, overwrite) as tmp:  # a killed run leaves nothing half-written
@@ -116,7 +115,7 @@ def _make_model(recipe: RunRecipe, text: str, model_dir: Path, device: str, prog
         log.info("[1/3] pruning %s with %s", config.model, config.method)
         run_prune(config, model_dir, progress=progress)
         return resolve_model(config.model)
-    merge_recipe: MergeRecipe = recipe.merge
-    log.info("[1/3] merging %d models with %s", len(merge_recipe.models), merge_recipe.merge_method)
+    merge_recipe: Recipe = recipe.merge
+    log.info("[1/3] merging %d models with %s", len(merge_recipe.input_models()), merge_recipe.merge_method)
     merge(merge_recipe, model_dir, recipe_text=text, device=device, progress=progress)
     return merge_recipe.base_model
