@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
@@ -66,6 +70,40 @@ def save(model, path):
     model.save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def mergekit_yaml(recipe_path, out) -> None:
+    """mergekit 0.1.5 through its own command line (the module behind ``mergekit-yaml``), on one thread."""
+    pytest.importorskip("mergekit")
+    done = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe_path), str(out),
+                           "--no-copy-tokenizer", "--no-lazy-unpickle", "--quiet"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def track_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Record every (checkpoint path, tensor name) read from now on, and fail a read of an input's tensor while
+    an earlier tensor of the same input is still held (the merge streams one tensor per input)."""
+    import gc
+    import weakref
+
+    from wandamerge.io.safetensors import Checkpoint
+
+    live: list[tuple[str, str, weakref.ref]] = []
+    reads: list[tuple[str, str]] = []
+    read = Checkpoint.tensor
+
+    def tracked(self, name):
+        gc.collect()
+        held = [(path, held_name) for path, held_name, ref in live if path == str(self.path) and ref() is not None]
+        assert not held, f"reading {name} of {self.path} while {held} is held"
+        tensor = read(self, name)
+        live.append((str(self.path), name, weakref.ref(tensor)))
+        reads.append((str(self.path), name))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "tensor", tracked)
+    return reads
 
 
 def tensors(path) -> dict:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from wandamerge.cli import main
 from wandamerge.jobs.merge import merge
 from wandamerge.recipe import RecipeError, parse_recipe
 
-from conftest import VOCAB, finetune_of, linear_inputs, save, tensors, tiny_model
+from conftest import VOCAB, finetune_of, linear_inputs, mergekit_yaml, save, tensors, tiny_model
 
 
 @pytest.fixture
@@ -296,10 +293,7 @@ def test_same_tensors_as_mergekit_on_a_tiny_model(family, tmp_path, method, para
         recipe["parameters"] = {"normalize": True}
     path = _write(tmp_path / "recipe.yaml", recipe)
     theirs = tmp_path / "mergekit-out"
-    done = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(theirs),
-                           "--no-copy-tokenizer", "--no-lazy-unpickle", "--quiet"], capture_output=True,
-                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    mergekit_yaml(path, theirs)
     ours = tmp_path / "ours"
     result = CliRunner().invoke(main, ["-q", "merge", str(path), "-o", str(ours)])
     assert result.exit_code == 0, result.output

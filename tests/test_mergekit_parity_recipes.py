@@ -11,12 +11,6 @@ line before any model loads, and the merge reads each input's tensors one at a t
 
 from __future__ import annotations
 
-import gc
-import os
-import subprocess
-import sys
-import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +23,7 @@ from wandamerge.jobs.merge import merge
 from wandamerge.merging import MERGE_METHODS, merge_tensor
 from wandamerge.recipe import parse_recipe
 
-from conftest import saved_family, tensors
+from conftest import mergekit_yaml, saved_family, tensors, track_reads
 
 MERGEKIT_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "sce", "arcee_fusion",
                     "passthrough", "ram", "ramplus_tl")
@@ -78,13 +72,6 @@ CASES = {
     "ramplus_tl": ("ramplus_tl", ["ft1", "ft2", "ft3"], {"epsilon": 0.04, "r": 0.3, "alpha": 0.5}),
 }
 NO_BASE = {"nuslerp-row-wise-no-base", "passthrough"}
-
-
-def mergekit_yaml(recipe_path: Path, out: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe_path), str(out),
-                           "--no-copy-tokenizer", "--no-lazy-unpickle", "--quiet"], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_every_method_of_mergekit_is_a_row():
@@ -227,22 +214,7 @@ def test_a_required_parameter_missing_for_some_tensors_is_refused_before_merging
 def test_each_input_holds_one_tensor_at_a_time(family, tmp_path, monkeypatch, case, inputs):
     """Every read of an input's tensor finds that input's earlier tensors released, and each input is read
     once per tensor name (the base too, also where it is one of the inputs)."""
-    from wandamerge.io.safetensors import Checkpoint
-
-    live: list[tuple[str, str, weakref.ref]] = []
-    reads: list[tuple[str, str]] = []
-    read = Checkpoint.tensor
-
-    def tracked(self, name):
-        gc.collect()
-        held = [(path, held_name) for path, held_name, ref in live if path == str(self.path) and ref() is not None]
-        assert not held, f"reading {name} of {self.path} while {held} is held"
-        tensor = read(self, name)
-        live.append((str(self.path), name, weakref.ref(tensor)))
-        reads.append((str(self.path), name))
-        return tensor
-
-    monkeypatch.setattr(Checkpoint, "tensor", tracked)
+    reads = track_reads(monkeypatch)
     method, models, parameters = CASES[case]
     recipe = recipe_of(family, method, models, parameters, base=case not in NO_BASE)
     merge(parse_recipe(recipe), tmp_path / "out", progress=False)
