@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
 
 from wandamerge.cli import main
-from wandamerge.recipe import MergeRecipe, RecipeError, parse_recipe
+from wandamerge.recipe import MergeRecipe, RecipeError, SlicesRecipe, parse_recipe
 
 from conftest import VOCAB, random_text, tiny_model, word_tokenizer
 
@@ -582,7 +582,8 @@ REAL_KEYS = ["merge_method", "base_model", "models", "model", "parameters", "wei
              "epsilon", "lambda", "normalize", "rescale", "int8_mask", "alpha", "ridge", "election", "aim", "omega",
              "dtype", "out_dtype", "tokenizer_source",
              "sparsify", "score", "group", "pattern", "activations", "calibration", "data", "nsamples", "seqlen",
-             "seed", "batch_size", "filter", "value", "slices"]
+             "seed", "batch_size", "filter", "value", "slices", "sources", "layer_range", "residual_weight",
+             "modules", "default", "t", "scale"]
 REAL_VALUES = ["ties", "dare_ties", "linear", "task_arithmetic", "regmean", "wudi", "obim", "sparsegpt", "gram",
                "activation", "wanda", "magnitude", "row", "tensor", "2:4",
                "unstructured", "base", "finetuned", "union", "float32", "bfloat16", "wiki", "*", "mlp"]
@@ -642,7 +643,32 @@ plausible = st.fixed_dictionaries(
               "calibration": st.dictionaries(real_or_near(REAL_KEYS[22:27]),
                                              st.one_of(st.integers(-2, 600), values), max_size=3),
               "dtype": st.one_of(real_or_near(REAL_VALUES[13:15]), scalars)})
-recipes = st.one_of(plausible, plausible, values, st.dictionaries(keys, values, max_size=5))
+slice_parameters = st.dictionaries(real_or_near(REAL_KEYS[5:13] + ["t", "scale"]), settings_, max_size=2)
+layer_ranges = mostly(st.tuples(st.integers(0, 1), st.integers(2, 3)).map(list),
+                      st.one_of(st.lists(st.integers(-1, 5), min_size=2, max_size=2), values))
+slice_sources = mostly(st.fixed_dictionaries({"model": st.sampled_from(["m1", "m2", "b"]), "layer_range": layer_ranges},
+                                             optional={"parameters": slice_parameters}),
+                       st.dictionaries(real_or_near(["model", "layer_range", "parameters"]), values, max_size=3))
+output_slices = mostly(st.fixed_dictionaries({"sources": mostly(st.lists(slice_sources, min_size=1, max_size=3),
+                                                                values)},
+                                             optional={"parameters": slice_parameters,
+                                                       "base_model": mostly(st.just("b"), scalars)}),
+                       st.dictionaries(real_or_near(["sources", "base_model", "parameters", "residual_weight"]),
+                                       values, max_size=3))
+slice_lists = mostly(st.lists(output_slices, min_size=1, max_size=3), values)
+slice_methods = mostly(st.sampled_from(["passthrough", "slerp", "ties", "linear", "karcher", "task_arithmetic"]),
+                       st.one_of(near_miss(["passthrough", "slerp", "ties"]), scalars))
+plausible_slices = st.one_of(
+    st.fixed_dictionaries({"merge_method": slice_methods, "slices": slice_lists},
+                          optional={"base_model": mostly(st.just("b"), scalars), "parameters": slice_parameters}),
+    st.fixed_dictionaries({"merge_method": slice_methods, "modules": mostly(st.fixed_dictionaries(
+        {"default": mostly(st.one_of(st.fixed_dictionaries({"slices": slice_lists}, optional={"parameters": slice_parameters}),
+                                     st.fixed_dictionaries({"models": st.lists(model_entries, min_size=1, max_size=2)})),
+                           values)}), st.dictionaries(real_or_near(["default", "models", "slices"]), values, max_size=2))},
+        optional={"base_model": mostly(st.just("b"), scalars), "parameters": slice_parameters,
+                  "sparsify": st.dictionaries(real_or_near(REAL_KEYS[17:21]), values, max_size=2)}))
+recipes = st.one_of(plausible, plausible, plausible_slices, plausible_slices, values,
+                    st.dictionaries(keys, values, max_size=5))
 
 
 @settings(max_examples=300, deadline=None)
@@ -653,7 +679,7 @@ def test_random_recipes_are_accepted_or_refused_with_a_recipe_error(data):
     except RecipeError as exc:
         assert str(exc).strip() and "\n" not in str(exc).strip()
     else:
-        assert isinstance(recipe, MergeRecipe)
+        assert isinstance(recipe, (MergeRecipe, SlicesRecipe))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
