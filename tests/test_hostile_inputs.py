@@ -658,13 +658,14 @@ output_slices = mostly(st.fixed_dictionaries({"sources": mostly(st.lists(slice_s
 slice_lists = mostly(st.lists(output_slices, min_size=1, max_size=3), values)
 slice_methods = mostly(st.sampled_from(["passthrough", "slerp", "ties", "linear", "karcher", "task_arithmetic"]),
                        st.one_of(near_miss(["passthrough", "slerp", "ties"]), scalars))
+module_bodies = st.one_of(st.fixed_dictionaries({"slices": slice_lists}, optional={"parameters": slice_parameters}),
+                          st.fixed_dictionaries({"models": st.lists(model_entries, min_size=1, max_size=2)}))
 plausible_slices = st.one_of(
     st.fixed_dictionaries({"merge_method": slice_methods, "slices": slice_lists},
                           optional={"base_model": mostly(st.just("b"), scalars), "parameters": slice_parameters}),
-    st.fixed_dictionaries({"merge_method": slice_methods, "modules": mostly(st.fixed_dictionaries(
-        {"default": mostly(st.one_of(st.fixed_dictionaries({"slices": slice_lists}, optional={"parameters": slice_parameters}),
-                                     st.fixed_dictionaries({"models": st.lists(model_entries, min_size=1, max_size=2)})),
-                           values)}), st.dictionaries(real_or_near(["default", "models", "slices"]), values, max_size=2))},
+    st.fixed_dictionaries({"merge_method": slice_methods, "modules": mostly(
+        st.fixed_dictionaries({"default": mostly(module_bodies, values)}),
+        st.dictionaries(real_or_near(["default", "models", "slices"]), values, max_size=2))},
         optional={"base_model": mostly(st.just("b"), scalars), "parameters": slice_parameters,
                   "sparsify": st.dictionaries(real_or_near(REAL_KEYS[17:21]), values, max_size=2)}))
 recipes = st.one_of(plausible, plausible, plausible_slices, plausible_slices, values,

@@ -231,7 +231,8 @@ BAD = {  # recipe -> words of the one-line refusal
     "wudi": ({"merge_method": "wudi", "base_model": "a", "slices": [{"sources": [fake("a"), fake("b")]}]},
              ["'wudi' cannot merge slices", "linear maps"]),
     "an activation election": ({"merge_method": "ties", "base_model": "a", "parameters": {"weight": 1.0},
-                                "slices": [{"sources": [fake("a"), fake("b")], "parameters": {"election": "activation"}}]},
+                                "slices": [{"sources": [fake("a"), fake("b")],
+                                            "parameters": {"election": "activation"}}]},
                                ["election: activation reads calibration activations"]),
     # the tensors after the blocks come from the last slice's first sources, as many as the first slice has
     "the base beyond the sources that merge the final norm": (
@@ -255,7 +256,8 @@ def test_bad_slices_recipes_are_refused_in_one_line_before_loading(case):
 
 def test_good_slices_recipes_parse_as_such():
     recipe = parse_recipe({"merge_method": "passthrough", "base_model": "c",
-                           "slices": [{"sources": [fake("a")], "residual_weight": 0.5}, {"sources": [fake("b", 1, 3)]}]})
+                           "slices": [{"sources": [fake("a")], "residual_weight": 0.5},
+                                      {"sources": [fake("b", 1, 3)]}]})
     assert isinstance(recipe, SlicesRecipe) and recipe.referenced_models() == ["a", "b", "c"]
 
 

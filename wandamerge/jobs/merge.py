@@ -135,9 +135,9 @@ def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, de
           low_memory: bool | None = None) -> dict:
     """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
 
-    The merge itself streams one tensor per input (a slices recipe: :func:`merge_slices`). ``low_memory`` concerns the
-    calibration pass of activation scores: read the base one block at a time from
-    its shards (``None``: when the base would take more than half the available RAM).
+    The merge itself streams one tensor per input; a slices recipe goes to :func:`merge_slices`.
+    ``low_memory`` concerns the calibration pass of activation scores: read the base one block at
+    a time from its shards (``None``: when the base would take more than half the available RAM).
     """
     if isinstance(recipe, SlicesRecipe):
         return merge_slices(recipe, out, recipe_text=recipe_text, overwrite=overwrite, progress=progress,
