@@ -3,7 +3,8 @@
 A merge recipe is a mergekit recipe (``merge_method``, ``base_model``,
 ``models: [{model, parameters: {weight, density, gamma, epsilon}}]``,
 ``parameters: {lambda, normalize, rescale, int8_mask}``, ``dtype``,
-``out_dtype``, ``tokenizer_source``; each method's parameters are those its
+``out_dtype``, ``tokenizer_source`` or ``tokenizer: {source, tokens, pad_to_multiple_of}``,
+``chat_template``; each method's parameters are those its
 registry row declares, per model or global, as mergekit declares them: e.g.
 ``slerp``'s global ``t``, ``nuslerp``'s per-model ``weight``) plus two optional sections of ours:
 ``sparsify: {score, group, pattern, activations}`` and ``calibration: {data,
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .core.selection import parse_pattern
 from .errors import RecipeError, did_you_mean, short_repr
+from .io.chat_templates import chat_template_problem
 from .io.dtypes import DTYPE_NAMES
 from .merging.methods import MERGE_METHODS, MergeMethod, method_inputs, slice_inputs
 from .merging.sparsify import SPARSIFIERS
@@ -210,7 +212,8 @@ def model_calibration(recipe: "MergeRecipe", index: int) -> Calibration:
 @dataclass(frozen=True)
 class MergeGroup:
     """The models one output tensor is merged from, as the method's row takes them (mergekit's
-    ``ConfigReader``): whether ``base`` is merged as the base, the method's ``inputs`` in order with each
+    ``ConfigReader``): the group's ``base`` (its base_model, where the recipe names one) and whether it is
+    merged as the base, the method's ``inputs`` in order with each
     one's parameter scopes (its own first), and the scopes of the global parameters, highest precedence
     first. A ``models:`` recipe has one group; a ``slices:`` recipe one per slice."""
 
@@ -235,6 +238,75 @@ def check_required(method: MergeMethod, group: MergeGroup, where: str = "") -> N
                                  f"(for each model, or once in the top-level parameters)")
 
 
+class ModelTokenSource(BaseModel):
+    """A token's row from a given token of a model: its ``token_id`` (a row of that model's tensor) or its
+    ``token`` (looked up in that model's tokenizer), one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    _home = field_validator("model", mode="before")(expand_home)
+
+    @model_validator(mode="after")
+    def one_token(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source gives one of token_id or token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+TOKEN_SOURCE_KINDS = {"model_token": ModelTokenSource, "zero": ZeroSource}
+
+
+class TokenSetting(BaseModel):
+    """mergekit's ``tokens: {TOKEN: {source, force}}``: where the token's row comes from for the models that
+    lack it (a model's own row of the token, a token of a model, zeros; none: mergekit's rule), and with
+    ``force`` for every model."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ModelTokenSource, ZeroSource, str, None] = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def source_kind(cls, value):
+        if isinstance(value, dict):
+            kind = value.get("kind")
+            if kind not in TOKEN_SOURCE_KINDS:
+                raise ValueError(f"a token source is a model, or a mapping of kind model_token or zero, got kind "
+                                 f"{short_repr(kind)}")
+            return TOKEN_SOURCE_KINDS[kind].model_validate(value)
+        return expand_home(value)
+
+    @model_validator(mode="after")
+    def force_needs_a_source(self):
+        if self.force and self.source is None:
+            raise ValueError("force: true replaces every model's row of the token by its source's: give a source")
+        return self
+
+    def source_model(self) -> str | None:
+        return self.source if isinstance(self.source, str) else getattr(self.source, "model", None)
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output vocabulary (``union`` of the models', the ``base``'s or a
+    model's), tokens to add with where their rows come from, and the rows rounded up to a multiple."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+    _home = field_validator("source", mode="before")(expand_home)
+
+
 class _Recipe(_WithParameters):
     """What every merge recipe holds besides its inputs."""
 
@@ -243,9 +315,36 @@ class _Recipe(_WithParameters):
     base_model: str | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # "base", "union" (not supported: refused) or a model
+    tokenizer_source: str | None = None  # "base", "union" or a model: the output vocabulary
+    tokenizer: TokenizerSection | None = None  # the same, with tokens to add and padding
+    chat_template: str | None = None  # a template name, "auto" or a Jinja template
 
     _home = field_validator("base_model", "tokenizer_source", mode="before")(expand_home)
+
+    @field_validator("chat_template")
+    @classmethod
+    def known_chat_template(cls, value):
+        problem = None if value is None else chat_template_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def tokenizer_settings(self) -> TokenizerSection | None:
+        """The output vocabulary asked for (``tokenizer_source`` as a section), or None: the base's as it is."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSection(source=self.tokenizer_source)
+
+    def _check_tokenizer(self) -> None:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer section, not both (tokenizer.source is the "
+                             "section's tokenizer_source)")
+        models = self.referenced_models()
+        for token, setting in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            model = setting.source_model()
+            if model is not None and model not in models:
+                raise ValueError(f"tokenizer.tokens.{token}: its source model {model} is none of the recipe's "
+                                 f"models; name one of them")
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -281,8 +380,7 @@ class _Recipe(_WithParameters):
     def _method(self) -> MergeMethod:
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}{did_you_mean(self.merge_method, MERGE_METHODS)}")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+        self._check_tokenizer()
         return MERGE_METHODS[self.merge_method]
 
 
@@ -508,7 +606,7 @@ class SlicesRecipe(_Recipe):
                     if count < len(piece.sources) else ""
                 raise ValueError(f"{name}{tail}: {exc}") from None
             shared = (piece.parameters, module.parameters, self.parameters)
-            merge = MergeGroup(uses_base, piece.base_model or self.base_model if uses_base else None,
+            merge = MergeGroup(uses_base, piece.base_model or self.base_model,
                                tuple(models[j] for j in indices),
                                tuple((sources[j].parameters, *shared) for j in indices), shared)
             groups.append(SourceGroup(name, tuple(models), merge))
