@@ -3,7 +3,9 @@
 The order of work:
 
 1. validate the recipe (already typed) and open every input lazily;
-2. check that every fine-tune fits the base (architecture, names, shapes, vocabulary);
+2. check that every fine-tune fits the base (architecture, names, shapes, vocabulary); with
+   ``tokenizer_source`` or a ``tokenizer:`` section, build the output vocabulary
+   (:mod:`.vocabulary`): each input's embeddings and LM head are then read in it;
 3. when the sparsifier needs input norms (``score: wanda``), run the calibration
    windows once through the base model with the shared layer-by-layer runner and
    keep ``sum x_j^2`` per linear map (or through each fine-tune, with
@@ -48,18 +50,16 @@ from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_of, block_prefix, load_model,
-                      load_tokenizer, local_model_dir)
+from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_of, block_prefix, indexes_tokens,
+                      load_model, load_tokenizer, local_model_dir)
 from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
                       method_parameters, model_calibration, resolve)
 from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
 from .merge_inputs import check_compatible, open_inputs
 from .slices import StackedLayout, StackedTensor, stacked_layout
+from .vocabulary import OutputVocabulary, build_vocabulary, save_tokenizer
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
 @dataclass
@@ -88,6 +88,36 @@ class MergeInputs:
     notes: list[str]
     prefix: str
     num_layers: int
+    base_spec: str = ""  # the base_model, else the first model
+    vocabulary: OutputVocabulary | None = None  # the output vocabulary, when the recipe asks for one
+    token_models: tuple[str, ...] = ()  # the models of a token-indexed tensor, in mergekit's order
+    base_model: str | None = None  # the recipe's base_model
+
+    def out_shape(self, name: str) -> tuple[int, ...]:
+        """The output's shape of tensor ``name``: the base's, with the output vocabulary's rows for a
+        token-indexed tensor."""
+        shape = tuple(self.base.shape(name))
+        return (self.vocabulary.size, *shape[1:]) if self.vocabulary and indexes_tokens(name) else shape
+
+    def token_views(self, name: str, dtype: torch.dtype) -> dict | None:
+        """Model argument -> its rows of tensor ``name`` in the output vocabulary (a row reader), or None
+        when no vocabulary is built or the tensor is not token-indexed. A model without the tensor (a tied LM
+        head) has the base's; a LoRA adapter's is its base's plus its delta."""
+        if self.vocabulary is None or not indexes_tokens(name):
+            return None
+        base, readers, base_whole = self.base, [], None
+        for spec in self.token_models:
+            source = self.inputs.get(spec, base)
+            if isinstance(source, LoraAdapter) and source.adapts(name):
+                if base_whole is None:
+                    base_whole = base.tensor(name).to(dtype)
+                readers.append((spec, TensorRows(finetuned_tensor(source, name, base_whole))))
+            elif isinstance(source, Checkpoint) and source.has(name):
+                readers.append((spec, source.rows(name)))
+            else:
+                readers.append((self.base_spec, base.rows(name)))
+        views = self.vocabulary.views(name, readers, self.base_model, dtype)
+        return dict(zip(self.token_models, views))
 
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
@@ -131,17 +161,19 @@ def layer_position(name: str, prefix: str, num_layers: int) -> float:
 
 
 def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, device: str = "cpu",
-          overwrite: bool = False, progress: bool = True, max_shard_size: str = DEFAULT_SHARD_SIZE,
-          low_memory: bool | None = None) -> dict:
+          overwrite: bool = False, progress: bool = True, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+          low_memory: bool | None = None, copy_tokenizer: bool = True) -> dict:
     """Merge as the recipe says and write a transformers directory to ``out``. Returns the run record.
 
     The merge itself streams one tensor per input; a slices recipe goes to :func:`merge_slices`.
     ``low_memory`` concerns the calibration pass of activation scores: read the base one block at
     a time from its shards (``None``: when the base would take more than half the available RAM).
+    ``copy_tokenizer`` off: no tokenizer is written, unless the recipe builds an output vocabulary
+    (mergekit's ``--no-copy-tokenizer``).
     """
     if isinstance(recipe, SlicesRecipe):
         return merge_slices(recipe, out, recipe_text=recipe_text, overwrite=overwrite, progress=progress,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer)
     t_start = time.perf_counter()
     clock = StageClock()
     with clock.stage("open_and_check"):
@@ -168,17 +200,21 @@ def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, de
             _out_dtype(recipe) or _dtype_of(opened.base),
             lambda tmp: _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size, progress,
                                        precomputed),
-            {"calibration": calib_record, "notes": opened.notes})
+            {"calibration": calib_record, "notes": opened.notes},
+            _tokenizer_writer(recipe, opened.base_dir, opened.vocabulary, [_model_dir(opened, spec) for spec in
+                                                                          opened.token_models], copy_tokenizer),
+            vocabulary=opened.vocabulary)
     finally:
         cleanup.close()
 
 
 def _write_merge(recipe: Recipe, out: Path, overwrite: bool, recipe_text: str | None, clock: StageClock,
                  t_start: float, device: str, inputs: dict, base_dir: Path, dtype, write_tensors, extra: dict,
-                 config: dict | None = None) -> dict:
+                 write_tokenizer, config: dict | None = None, vocabulary: OutputVocabulary | None = None) -> dict:
     """The staged output of a merge: ``write_tensors(tmp)`` (the per-tensor record and the fallbacks), the
-    config (``config``, default the base's) and tokenizer, the run record and the model card. ``inputs``:
-    model argument -> the opened input, hashed beside the merge with the base."""
+    config (``config``, default the base's; the output vocabulary's size), ``write_tokenizer(tmp)``, the run
+    record and the model card. ``inputs``: model argument -> the opened input, hashed beside the merge with
+    the base."""
     hashing = ThreadPoolExecutor(max_workers=1)  # content hashes beside the merge (hashlib releases the GIL)
     digests = {spec: hashing.submit(input_digests, source.path) for spec, source in inputs.items()}
     listed = next((spec for spec, source in inputs.items() if Path(source.path) == Path(base_dir)), None)
@@ -187,7 +223,8 @@ def _write_merge(recipe: Recipe, out: Path, overwrite: bool, recipe_text: str | 
         with staged_output(out, overwrite) as tmp:
             with clock.stage("merge_and_write"):
                 per_tensor, fallbacks = write_tensors(tmp)
-            _write_config_and_tokenizer(recipe, base_dir, tmp, dtype, config)
+            _write_config(base_dir, tmp, dtype, config, vocabulary)
+            write_tokenizer(tmp)
             record = {
                 "job": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "score": _score(recipe), "group": _group(recipe), "pattern": _pattern(recipe) or "unstructured",
@@ -210,17 +247,22 @@ def _write_merge(recipe: Recipe, out: Path, overwrite: bool, recipe_text: str | 
 
 
 def merge_slices(recipe: SlicesRecipe, out: str | Path, *, recipe_text: str | None = None, overwrite: bool = False,
-                 progress: bool = True, max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
+                 progress: bool = True, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+                 copy_tokenizer: bool = True) -> dict:
     """A slices recipe: the output's blocks stacked from the slices' layers as :mod:`.slices` lays them out.
     Every tensor is planned (parameters resolved, required ones checked) before any is read; then each is
     merged in turn, each source's tensor read once and dropped. Returns the run record, whose ``layers``
     says where each output block comes from."""
     t_start, clock = time.perf_counter(), StageClock()
     with clock.stage("open_and_check"):
-        layout = stacked_layout(recipe)
+        settings = recipe.tokenizer_settings()
+        layout = stacked_layout(recipe, own_vocabularies=settings is not None)
         out = check_output_dir(out, [str(c.path) for c in layout.checkpoints.values()], overwrite)
+        model_dirs = {spec: checkpoint.path for spec, checkpoint in layout.checkpoints.items()}
+        vocabulary = None if settings is None else build_vocabulary(
+            settings, recipe.base_model or layout.tensors[0].group.models[0], model_dirs)
         method, compute_dtype = get_method(recipe.merge_method), torch_dtype(recipe.dtype)
-        jobs = [_StackedJob(recipe, method, tensor, layout, compute_dtype) for tensor in layout.tensors]
+        jobs = [_StackedJob(recipe, method, tensor, layout, compute_dtype, vocabulary) for tensor in layout.tensors]
     out_dtype = _out_dtype(recipe)
 
     def write_tensors(tmp: Path) -> tuple[dict, dict]:
@@ -237,22 +279,30 @@ def merge_slices(recipe: SlicesRecipe, out: str | Path, *, recipe_text: str | No
 
     return _write_merge(recipe, out, overwrite, recipe_text, clock, t_start, "cpu", layout.checkpoints,
                         layout.donor.path, out_dtype or _dtype_of(layout.donor), write_tensors,
-                        {"calibration": None, "notes": [], "layers": layout.layers}, layout.config)
+                        {"calibration": None, "notes": [], "layers": layout.layers},
+                        _tokenizer_writer(recipe, layout.donor.path, vocabulary, list(model_dirs.values()),
+                                          copy_tokenizer), layout.config, vocabulary)
 
 
 class _StackedJob:
     """One output tensor of a slices recipe: its plan, and its merge from the group's sources."""
 
     def __init__(self, recipe: SlicesRecipe, method: MergeMethod, tensor: StackedTensor, layout: StackedLayout,
-                 compute_dtype):
+                 compute_dtype, vocabulary: OutputVocabulary | None = None):
         self.tensor, group = tensor, tensor.group.merge
         checkpoints = layout.checkpoints
-        # (checkpoint, name) of the base when the method merges one, then of each input
-        self.reads = [(checkpoints[m], tensor.input_name(m)) for m in ([group.base] if group.uses_base else [])
-                      + list(group.inputs)]
+        # the models read: the base when the method merges one, then each input
+        self.models = ([group.base] if group.uses_base else []) + list(group.inputs)
+        self.reads = [(checkpoints[m], tensor.input_name(m)) for m in self.models]
         reference, name = self.reads[0]  # the base, or the first input: shape and dtype
-        self.shape = tuple(reference.shape(name))
         self.dtype = compute_dtype or TORCH_DTYPES[reference.dtype(name)]
+        self.views = None  # model -> its rows in the output vocabulary, for a token-indexed tensor
+        if vocabulary is not None and indexes_tokens(tensor.name):
+            sources = tensor.group.models  # all the group's sources, as mergekit gathers them
+            views = vocabulary.views(tensor.name, [(m, checkpoints[m].rows(tensor.input_name(m))) for m in sources],
+                                     group.base, self.dtype)
+            self.views = dict(zip(sources, views))
+        self.shape = self.views[self.models[0]].shape if self.views else tuple(reference.shape(name))
         input_names = [tensor.input_name(m) for m in group.inputs]
         _check_values(method, group, tensor.name, group_parameters(method, group, tensor.name, tensor.t, input_names))
         self.plan = plan_tensor(recipe, method, tensor.name, tensor.t, self.shape, [None] * len(group.inputs),
@@ -262,7 +312,10 @@ class _StackedJob:
         return dict(zip(self.tensor.group.models, self.tensor.sources))
 
     def merged(self, generator) -> MergeResult:
-        tensors = [checkpoint.tensor(name).to(self.dtype) for checkpoint, name in self.reads]
+        if self.views:
+            tensors = [self.views[model].whole() for model in self.models]
+        else:
+            tensors = [checkpoint.tensor(name).to(self.dtype) for checkpoint, name in self.reads]
         if self.plan.uses_base:
             return merge_with_plan(self.plan, tensors[0], tensors[1:], generator)
         return merge_with_plan(self.plan, tensors[0], tensors, generator)
@@ -277,14 +330,44 @@ def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> 
         raise InputError(f"base model {base_spec} must be a full checkpoint, not an adapter")
     out = check_output_dir(out, [str(base_dir)] + _specs(recipe), overwrite)
     inputs = open_inputs(_specs(recipe))
-    notes = check_compatible(base, inputs)
+    settings = recipe.tokenizer_settings()
+    notes = check_compatible(base, inputs, own_vocabularies=settings is not None)
     model_type = base.config.get("model_type")
     if model_type not in BLOCK_PATHS:
         raise InputError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(BLOCK_PATHS))}")
     num_layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer"))
-    opened = MergeInputs(base_dir, base, inputs, notes, BLOCK_PATHS[model_type], num_layers)
+    # a token-indexed tensor is gathered from every model, the base_model last when not listed (mergekit)
+    listed = list(dict.fromkeys(_specs(recipe)))
+    token_models = tuple(listed + ([recipe.base_model] if recipe.base_model and recipe.base_model not in listed
+                                   else []))
+    opened = MergeInputs(base_dir, base, inputs, notes, BLOCK_PATHS[model_type], num_layers, base_spec,
+                         token_models=token_models, base_model=recipe.base_model)
+    if settings is not None:
+        _check_own_activations(recipe, opened)
+        opened.vocabulary = build_vocabulary(settings, base_spec, {
+            spec: _model_dir(opened, spec) for spec in (base_spec, *token_models)})
     _check_required(recipe, opened)
     return opened, out
+
+
+def _model_dir(opened: MergeInputs, spec: str) -> Path:
+    """The directory of a model's config and tokenizer: a LoRA adapter's are its base's."""
+    source = opened.inputs.get(spec, opened.base)
+    return opened.base_dir if isinstance(source, LoraAdapter) else Path(source.path)
+
+
+def _check_own_activations(recipe: MergeRecipe, opened: MergeInputs) -> None:
+    """activations: finetuned runs each fine-tune on the base's token windows, so in the base's vocabulary."""
+    if not (recipe.sparsify and recipe.sparsify.activations == "finetuned"):
+        return
+    for spec, source in opened.inputs.items():
+        if not isinstance(source, Checkpoint):
+            continue
+        for name in opened.base.names():
+            if indexes_tokens(name) and source.has(name) and source.shape(name) != opened.base.shape(name):
+                raise InputError(f"{spec} has a vocabulary of its own ({source.shape(name)[0]} rows in {name}), and "
+                                 f"activations: finetuned runs each fine-tune on the base's tokens; use "
+                                 f"activations: base")
 
 
 def _specs(recipe: MergeRecipe) -> list[str]:
@@ -508,8 +591,9 @@ def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: li
     compute_dtype, out_dtype = torch_dtype(recipe.dtype), _out_dtype(recipe)
     generator = torch.Generator().manual_seed(recipe.calibration.seed if recipe.calibration else 0)
     base = opened.base
-    writer = ShardWriter(tmp, [(name, base.shape(name), out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)])
-                               for name in base.names()], max_shard_size)
+    writer = ShardWriter(tmp, [(name, opened.out_shape(name),
+                                out_dtype or compute_dtype or TORCH_DTYPES[base.dtype(name)]) for name in base.names()],
+                         max_shard_size)
     per_tensor: dict[str, dict] = {}
     fallbacks: dict[str, str] = {}
     for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
@@ -538,9 +622,12 @@ class _TensorJob:
         self.precomputed = precomputed  # (merged task vector at lambda 1 on disk, its record): RegMean++
         self.method: MergeMethod = get_method(recipe.merge_method)
         # the method's inputs (a base_model merged as one more input is read from the base)
-        self.sources = [opened.inputs.get(entry.model, opened.base) for entry in recipe.inputs()[1]]
+        self.specs = [entry.model for entry in recipe.inputs()[1]]
+        self.sources = [opened.inputs.get(spec, opened.base) for spec in self.specs]
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
-        shape = tuple(opened.base.shape(name))
+        # model -> its rows in the output vocabulary, for a token-indexed tensor when the recipe builds one
+        self.views = opened.token_views(name, self.dtype) if precomputed is None else None
+        self.shape = shape = opened.out_shape(name)
         linear_map = len(shape) == 2 and name.startswith(f"{opened.prefix}.") and name.endswith(".weight")
         conv1d = opened.base.config.get("model_type") in TRANSPOSED_LINEAR_TYPES
         # Conv1D: scored and merged as (out, in)
@@ -552,7 +639,7 @@ class _TensorJob:
 
     def in_blocks(self) -> bool:
         """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
-        shape = self.opened.base.shape(self.name)
+        shape = self.shape
         if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed or self.precomputed:
             return False
         if self.aim is not None and self.aim.transposed:
@@ -568,15 +655,20 @@ class _TensorJob:
         tensor read once (the base's is ``base_tensor``, also where the base is one of the inputs)."""
         plan = plan or self.plan
         base = self.opened.base
-        finetuned = [base_tensor if source is base or (isinstance(source, Checkpoint) and source.path == base.path)
-                     else finetuned_tensor(source, self.name, base_tensor) for source in self.sources]
+        if self.views:
+            finetuned = [base_tensor if spec == self.opened.base_spec else self.views[spec].whole()
+                         for spec in self.specs]
+        else:
+            finetuned = [base_tensor if source is base or (isinstance(source, Checkpoint) and source.path == base.path)
+                         else finetuned_tensor(source, self.name, base_tensor) for source in self.sources]
         if self.transposed:
             result = merge_with_plan(plan, base_tensor.T, [f.T for f in finetuned], generator)
             return replace(result, tensor=result.tensor.T.contiguous())
         return merge_with_plan(plan, base_tensor, finetuned, generator)
 
     def merge_whole(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
-        base_tensor = self.opened.base.tensor(self.name).to(self.dtype)
+        base_tensor = (self.views[self.opened.base_spec].whole() if self.views
+                       else self.opened.base.tensor(self.name)).to(self.dtype)
         if self.precomputed is not None:  # a propagated pass merged it at lambda 1: scale its task vector
             path, done = self.precomputed
             result = replace(done, tensor=base_tensor + done.lambda_ * torch.load(path, weights_only=True).to(self.dtype))
@@ -589,19 +681,7 @@ class _TensorJob:
 
     def merge_in_blocks(self, writer: ShardWriter, out_dtype) -> tuple[MergeResult, float]:
         """Merge block by block, straight into ``writer``; the result record and the fraction changed."""
-        base, name = self.opened.base, self.name
-        base_rows = base.rows(name)
-        readers, base_tensor = [], None
-        for source in self.sources:
-            if isinstance(source, LoraAdapter) and source.adapts(name):  # the LoRA product is made whole
-                if base_tensor is None:
-                    base_tensor = base.tensor(name).to(self.dtype)
-                readers.append(TensorRows(finetuned_tensor(source, name, base_tensor)))
-            elif isinstance(source, Checkpoint) and source.has(name):
-                readers.append(source.rows(name))
-            else:
-                readers.append(base_rows)
-        del base_tensor
+        base_rows, readers = self.row_readers()
         result, blocks = merge_rows(self.plan, base_rows, readers, dtype=self.dtype)
         changed = 0
 
@@ -612,9 +692,27 @@ class _TensorJob:
                 changed += int((merged != base_block).sum())
                 yield merged.to(out_dtype) if out_dtype else merged
 
-        writer.add_chunks(name, pieces())
-        return result, (torch.tensor(changed, dtype=torch.float32) / math.prod(base.shape(name))).item()
+        writer.add_chunks(self.name, pieces())
+        return result, (torch.tensor(changed, dtype=torch.float32) / math.prod(self.shape)).item()
 
+    def row_readers(self) -> tuple[object, list]:
+        """The row readers of the base and of each input: their rows in the output vocabulary (a token-indexed
+        tensor, when the recipe builds one), a LoRA adapter's tensor made whole, the base's where an input
+        lacks the tensor."""
+        if self.views:
+            return self.views[self.opened.base_spec], [self.views[spec] for spec in self.specs]
+        base, name = self.opened.base, self.name
+        base_rows, readers, base_tensor = base.rows(name), [], None
+        for source in self.sources:
+            if isinstance(source, LoraAdapter) and source.adapts(name):  # the LoRA product is made whole
+                if base_tensor is None:
+                    base_tensor = base.tensor(name).to(self.dtype)
+                readers.append(TensorRows(finetuned_tensor(source, name, base_tensor)))
+            elif isinstance(source, Checkpoint) and source.has(name):
+                readers.append(source.rows(name))
+            else:
+                readers.append(base_rows)
+        return base_rows, readers
 
     def relaxed(self, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
         """AIM's post-pass on this tensor (or a block of its rows), where it applies; else ``merged``."""
@@ -678,24 +776,27 @@ def _dtype_of(base: Checkpoint) -> torch.dtype | None:
     return torch_dtype(name) if name in DTYPE_NAMES else None
 
 
-def _write_config_and_tokenizer(recipe: Recipe, base_dir: Path, out: Path, dtype, config: dict | None = None) -> None:
-    """``config`` (default: the base's config.json) with the output dtype, the generation config, the tokenizer."""
+def _write_config(base_dir: Path, out: Path, dtype, config: dict | None = None,
+                  vocabulary: OutputVocabulary | None = None) -> None:
+    """``config`` (default: the base's config.json) with the output dtype and the output vocabulary's size,
+    and the generation config."""
     config = dict(config or json.loads((base_dir / "config.json").read_text()))
     if dtype is not None:
         config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.size
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
-    source = recipe.tokenizer_source
-    tok_dir = base_dir if source in (None, "base") else local_model_dir(source)
-    copied = 0
-    for file in TOKENIZER_FILES:
-        if (tok_dir / file).is_file():
-            shutil.copy2(tok_dir / file, out / file)
-            copied += 1
-    if source not in (None, "base") and not copied:
-        raise InputError(f"tokenizer_source {source} holds no tokenizer files")
+
+
+def _tokenizer_writer(recipe: Recipe, donor: Path, vocabulary: OutputVocabulary | None, model_dirs: list[Path],
+                      copy: bool):
+    """What writes the output's tokenizer into a folder: the output vocabulary's, else the donor's."""
+    if vocabulary is not None:
+        return lambda out: vocabulary.save(out, recipe.chat_template, model_dirs)
+    return lambda out: save_tokenizer(donor, out, recipe.chat_template, model_dirs, copy)
 
 
 def merge_card(recipe: Recipe, recipe_text: str | None, record: dict) -> str:

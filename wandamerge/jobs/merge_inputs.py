@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io.adapters import LoraAdapter, open_input
 from ..io.safetensors import Checkpoint
-from ..models import local_model_dir
+from ..models import indexes_tokens, local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +17,11 @@ SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_lay
               "n_head", "num_key_value_heads", "intermediate_size")
 
 
-def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapter]) -> list[str]:
-    """Raise on any fine-tune that does not fit the base; return warnings worth recording."""
+def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapter],
+                     own_vocabularies: bool = False) -> list[str]:
+    """Raise on any fine-tune that does not fit the base; return warnings worth recording. With
+    ``own_vocabularies`` (an output vocabulary is built) a fine-tune's embeddings and LM head may have rows
+    of their own: they are moved into the output vocabulary."""
     notes = []
     base_shapes = {name: base.shape(name) for name in base.names()}
     for spec, source in inputs.items():
@@ -49,12 +52,12 @@ def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapte
                 continue
             other = source.shape(name)
             if other != shape:
-                if name.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight", "embed_in.weight",
-                                  "embed_out.weight")) and other[1:] == shape[1:]:
+                if indexes_tokens(name) and other[1:] == shape[1:]:
+                    if own_vocabularies:
+                        continue
                     raise InputError(
                         f"{spec} has a resized vocabulary ({other[0]} rows in {name}, base has {shape[0]}); "
-                        f"merging models with different vocabularies is not supported: resize the fine-tune's "
-                        f"embeddings back to the base vocabulary or merge a fine-tune of the same vocabulary")
+                        f"set tokenizer_source: union (or a tokenizer: section) to merge in a common vocabulary")
                 raise InputError(f"{spec} does not fit the base: {name} has shape {other}, base has {shape}; "
                                  f"merge fine-tunes of the same base model")
         extra = [n for n in source.names() if n not in base_shapes]

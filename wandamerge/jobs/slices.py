@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..io.adapters import open_input
 from ..io.safetensors import Checkpoint
-from ..models import (BLOCK_PATHS, NUM_LAYERS_KEYS, before_blocks, block_of, config_num_layers, local_model_dir,
-                      stacked_config, supported_architectures)
+from ..models import (BLOCK_PATHS, NUM_LAYERS_KEYS, before_blocks, block_of, config_num_layers, indexes_tokens,
+                      local_model_dir, stacked_config, supported_architectures)
 from ..recipe import SlicesRecipe, SourceGroup, check_slice_lengths
 from .merge_inputs import SHAPE_KEYS
 
@@ -55,14 +55,16 @@ class StackedLayout:
     layers: list[dict]  # per output block: its slice's number and the block of each source it comes from
 
 
-def stacked_layout(recipe: SlicesRecipe) -> StackedLayout:
-    """Open every source lazily, check the slices against the models, and lay out the output's tensors."""
+def stacked_layout(recipe: SlicesRecipe, own_vocabularies: bool = False) -> StackedLayout:
+    """Open every source lazily, check the slices against the models, and lay out the output's tensors. With
+    ``own_vocabularies`` (an output vocabulary is built) the sources' embeddings and LM heads may have rows of
+    their own."""
     checkpoints = {spec: _checkpoint(spec) for spec in recipe.referenced_models()}
     slices = recipe.output_slices(lambda spec: config_num_layers(checkpoints[spec].config))
     donor = checkpoints[recipe.base_model or slices[0].sources[0].model]
     prefix = _check_family(donor, checkpoints)
     groups = recipe.source_groups(slices)
-    tensors = _outside(groups[0], checkpoints, prefix, before=True)
+    tensors = _outside(groups[0], checkpoints, prefix, before=True, own_vocabularies=own_vocabularies)
     blocks = {spec: _blocks(c, prefix) for spec, c in checkpoints.items()}
     layers, origins = [], []
     for number, (piece, group) in enumerate(zip(slices, groups)):
@@ -87,7 +89,7 @@ def stacked_layout(recipe: SlicesRecipe) -> StackedLayout:
                                              j / (length - 1) if length > 1 else 1.0))
             layers.append({"slice": number, "from": index})
             origins.append((checkpoints[group.models[0]].config, index[group.models[0]]))
-    tensors += _outside(groups[-1], checkpoints, prefix, before=False)
+    tensors += _outside(groups[-1], checkpoints, prefix, before=False, own_vocabularies=own_vocabularies)
     return StackedLayout(tensors, checkpoints, donor, stacked_config(donor.config, origins), layers)
 
 
@@ -123,21 +125,23 @@ def _blocks(checkpoint: Checkpoint, prefix: str) -> dict[int, list[tuple[str, tu
     return blocks
 
 
-def _outside(group: SourceGroup, checkpoints: dict[str, Checkpoint], prefix: str, before: bool
-             ) -> list[StackedTensor]:
+def _outside(group: SourceGroup, checkpoints: dict[str, Checkpoint], prefix: str, before: bool,
+             own_vocabularies: bool = False) -> list[StackedTensor]:
     """The tensors outside the blocks, before them or after them, of the group's first source, at t = 0."""
     first = checkpoints[group.models[0]]
     tensors = []
     for name in first.names():
         if block_of(name, prefix) is None and before_blocks(name) == before:
             names = (name,) * len(group.models)
-            _check_held(group, checkpoints, names)
+            _check_held(group, checkpoints, names, own_rows=own_vocabularies and indexes_tokens(name))
             tensors.append(StackedTensor(name, group, names, 0.0))
     return tensors
 
 
-def _check_held(group: SourceGroup, checkpoints: dict[str, Checkpoint], names: tuple[str, ...]) -> None:
-    """Every source of the group holds its tensor, of the first source's shape."""
+def _check_held(group: SourceGroup, checkpoints: dict[str, Checkpoint], names: tuple[str, ...],
+                own_rows: bool = False) -> None:
+    """Every source of the group holds its tensor, of the first source's shape (``own_rows``: but for the
+    number of rows)."""
     first = checkpoints[group.models[0]]
     shape = first.shape(names[0])
     for model, name in zip(group.models[1:], names[1:]):
@@ -145,7 +149,8 @@ def _check_held(group: SourceGroup, checkpoints: dict[str, Checkpoint], names: t
         if not checkpoint.has(name):
             raise InputError(f"{group.where}: {model} has no {name}, which {group.models[0]} has "
                              f"({names[0]}); merge models of the same architecture")
-        if checkpoint.shape(name) != shape:
+        skip = 1 if own_rows else 0
+        if checkpoint.shape(name)[skip:] != shape[skip:]:
             raise InputError(f"{group.where}: {name} of {model} has shape {checkpoint.shape(name)}, and "
                              f"{names[0]} of {group.models[0]} {shape}; merge models of the same architecture")
 
