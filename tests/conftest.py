@@ -72,12 +72,33 @@ def save(model, path):
     return path
 
 
-def mergekit_yaml(recipe_path, out) -> None:
-    """mergekit 0.1.5 through its own command line (the module behind ``mergekit-yaml``), on one thread."""
+def save_with_tokens(model, path, tokens=(), special=(), seed: int = 0, chat_template: str | None = None):
+    """The model with ``tokens`` (and ``special`` tokens) added to the word tokenizer, its embeddings and LM
+    head resized to match, the new rows seeded N(0, 1); saved as a transformers directory. (Make every
+    fine-tune of a base before resizing one: :func:`finetune_of`'s models share the base's config.)"""
+    tokenizer = word_tokenizer()
+    tokenizer.add_tokens(list(tokens))
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    tokenizer.chat_template = chat_template
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            weight[old:] = torch.randn(weight[old:].shape, generator=g)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def mergekit_yaml(recipe_path, out, *flags: str) -> None:
+    """mergekit 0.1.5 through its own command line (the module behind ``mergekit-yaml``), on one thread;
+    ``flags`` replace the default ``--no-copy-tokenizer``."""
     pytest.importorskip("mergekit")
     done = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe_path), str(out),
-                           "--no-copy-tokenizer", "--no-lazy-unpickle", "--quiet"], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+                           *(flags or ("--no-copy-tokenizer",)), "--no-lazy-unpickle", "--quiet"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
