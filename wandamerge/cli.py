@@ -118,6 +118,19 @@ def prune_command(model, out, overwrite, **settings):
     click.echo(json.dumps(summary, indent=2))
 
 
+# mergekit-yaml's flags that change nothing here, and what wandamerge does instead (one line each, when given)
+MERGEKIT_FLAG_NOTES = {
+    "lazy_unpickle": "--lazy-unpickle: wandamerge always reads lazily (safetensors, one tensor or a block of rows "
+                     "at a time; pickled .bin checkpoints are not read); nothing to switch on",
+    "allow_crimes": "--allow-crimes: wandamerge merges models of one architecture; models that do not fit the base "
+                    "are refused all the same",
+    "low_cpu_memory": "--low-cpu-memory: wandamerge merges on the CPU one tensor at a time and writes each as it is "
+                      "merged, so results never pile up in memory; nothing is kept on an accelerator",
+    "cuda": "--cuda: the calibration pass (activation scores, data-aware methods) runs on cuda, as --device cuda; "
+            "tensors are merged on the CPU",
+}
+
+
 @main.command("merge")
 @click.argument("recipe", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), required=True, help="Output directory (a transformers model).")
@@ -127,15 +140,40 @@ def prune_command(model, out, overwrite, **settings):
 @click.option("--low-memory/--no-low-memory", default=None,
               help="Activation scores: run the base model's calibration pass one block at a time from its shards "
                    "[default: on when it would take more than half the available RAM].")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Write the base model's tokenizer into the output (mergekit-yaml's flag; a recipe's output "
+                   "vocabulary, tokenizer_source or tokenizer:, is written either way).")
+@click.option("--out-shard-size", help="mergekit-yaml's shard size: bytes, with K, M or B for thousand, million, "
+                                       "billion (5B = 5 GB); the same as --max-shard-size.")
+@click.option("--cuda/--no-cuda", default=False, help="mergekit-yaml's flag: --device cuda.")
+@click.option("--lazy-unpickle/--no-lazy-unpickle", default=False, help="mergekit-yaml's flag; reads are always lazy.")
+@click.option("--allow-crimes/--no-allow-crimes", default=False, help="mergekit-yaml's flag; no effect here.")
+@click.option("--low-cpu-memory/--no-low-cpu-memory", default=False, help="mergekit-yaml's flag; no effect here.")
 @friendly_errors
-def merge_command(recipe, out, device, overwrite, max_shard_size, low_memory):
-    """Merge fine-tunes as RECIPE.yaml says (mergekit recipes run unchanged)."""
+def merge_command(recipe, out, device, overwrite, max_shard_size, low_memory, copy_tokenizer, out_shard_size, cuda,
+                  **noted):
+    """Merge fine-tunes as RECIPE.yaml says (mergekit recipes, and mergekit-yaml's common flags, run unchanged)."""
+    from .io.safetensors import parse_count
     from .jobs.merge import merge
     from .recipe import load_recipe
 
+    def given_here(name: str) -> bool:
+        return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+    if cuda:
+        if given_here("device") and device != "cuda":
+            raise UsageProblem(f"--cuda means --device cuda, and --device {device} is given too; give one of them")
+        device = "cuda"
+    if out_shard_size is not None:
+        if given_here("max_shard_size"):
+            raise UsageProblem("--out-shard-size and --max-shard-size both set the shard size; give one of them")
+        max_shard_size = parse_count(out_shard_size)
+    for flag in [name for name, on in noted.items() if on] + (["cuda"] if cuda else []):
+        click.echo(f"note: {MERGEKIT_FLAG_NOTES[flag]}", err=True)
     parsed = load_recipe(recipe)  # validated before any model is loaded
     record = merge(parsed, out, recipe_text=Path(recipe).read_text(), device=device, overwrite=overwrite,
-                   max_shard_size=max_shard_size, low_memory=low_memory, progress=not quiet())
+                   max_shard_size=max_shard_size, low_memory=low_memory, copy_tokenizer=copy_tokenizer,
+                   progress=not quiet())
     fallbacks = len(record["fallbacks"])
     click.echo(json.dumps({"out": out, "method": parsed.merge_method, "score": record["score"],
                            "tensors": len(record["per_tensor"]), "magnitude_fallbacks": fallbacks,

@@ -167,6 +167,20 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * unit)
 
 
+def parse_count(size: str | int) -> int:
+    """mergekit's sizes (``--out-shard-size 1B``): a whole number, or one with K, M or B for a thousand, a
+    million, a billion (its shard writer counts them as bytes)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip()
+    scale = {"K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise ConfigError(f"cannot read the size {size!r}: a whole number, or one followed by K, M or B "
+                          f"(thousand, million, billion), e.g. 5B")
+    return int(digits) * scale
+
+
 class ShardWriter:
     """Streams tensors into safetensors shards as they are produced.
 
