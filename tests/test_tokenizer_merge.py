@@ -160,6 +160,24 @@ def test_chat_template_on_the_copied_tokenizer(family, tmp_path, template):
         assert "<|start_header_id|>" in tokenizer.chat_template
 
 
+def test_where_mergekit_stops_the_merge_goes_on(family, tmp_path):
+    """mergekit 0.1.5 fails (KeyError) on a token the section adds to the base's vocabulary, and on a
+    ``tokens:`` entry without a source for a token some model lacks: here the new token's rows are zeros and
+    the entry takes the automatic rule, as if it were not there."""
+    recipe = recipe_of(family, "task_arithmetic", [("ft2", {"weight": 1.0})],
+                       tokenizer={"source": "base", "tokens": {"<new>": {"source": {"kind": "zero"}}}})
+    merge(parse_recipe(recipe), tmp_path / "base", progress=False)
+    embed = tensors(tmp_path / "base")["model.embed_tokens.weight"]
+    assert embed.shape == (97, 32) and torch.equal(embed[96], torch.zeros(32))
+    models = [("ft1", {"weight": 0.3}), ("ft2", {"weight": 0.5}), ("ft3", {"weight": 0.4})]
+    merge(parse_recipe(recipe_of(family, "task_arithmetic", models, tokenizer={"tokens": {"<tool>": {}}})),
+          tmp_path / "entry", progress=False)
+    merge(parse_recipe(recipe_of(family, "task_arithmetic", models, tokenizer_source="union")),
+          tmp_path / "union", progress=False)
+    with_entry, union = tensors(tmp_path / "entry"), tensors(tmp_path / "union")
+    assert all(torch.equal(with_entry[name], union[name]) for name in union)
+
+
 # ----------------------------------------------------------------------------- our paths agree
 
 

@@ -32,6 +32,7 @@ from ..core.vocabulary import MISSING, PermutedRows, TokenRule, default_embeddin
 from ..errors import InputError
 from ..io.chat_templates import AUTO, named_chat_template
 from ..io.safetensors import read_json
+from ..models import local_model_dir
 from ..recipe import TokenizerSection, TokenSetting, ZeroSource
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,13 @@ def build_vocabulary(settings: TokenizerSection, base: str, model_dirs: dict[str
                 log.warning("no tokenizer loads from %s: taking %s's vocabulary for it", model, base)
             else:
                 tokenizers[model] = loaded
+    # each model's own vocabulary, before the section's tokens are added to the output (the base's may be it)
+    own = {model: tokenizers.get(model, base_tokenizer).get_vocab() for model in model_dirs}
     if settings.source == "base":
         out = base_tokenizer
     elif settings.source == "union":
         out = _union(base_tokenizer, {model: (tokenizer, model_dirs[model]) for model, tokenizer in tokenizers.items()})
     else:
-        from ..models import local_model_dir
-
         out = _load(local_model_dir(settings.source), strict=True)
     present = set(out.get_vocab())
     for token in settings.tokens or {}:
@@ -114,7 +115,6 @@ def build_vocabulary(settings: TokenizerSection, base: str, model_dirs: dict[str
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise InputError("the output tokenizer's token ids have gaps; its vocabulary cannot index embedding rows")
-    own = {model: tokenizers.get(model, base_tokenizer).get_vocab() for model in model_dirs}
     permutations = {model: _permutation(tokens, own[model], _vocab_size(path) or len(own[model]), model)
                     for model, path in model_dirs.items()}
     return OutputVocabulary(out, tokens, padded_size(len(tokens), settings.pad_to_multiple_of), permutations,
