@@ -10,6 +10,8 @@ memory-lean path, the one-tensor-at-a-time rule, and one-line refusals of bad to
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +19,10 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import wandamerge
 from wandamerge.cli import main
 from wandamerge.core.vocabulary import MISSING, DefaultRow, TokenRule, default_rows, permuted_block
+from wandamerge.io.chat_templates import chat_template_names, chat_template_text
 from wandamerge.jobs.merge import merge
 from wandamerge.recipe import parse_recipe
 
@@ -178,6 +182,66 @@ def test_where_mergekit_stops_the_merge_goes_on(family, tmp_path):
     assert all(torch.equal(with_entry[name], union[name]) for name in union)
 
 
+# ----------------------------------------------------------------------------- named templates: mergekit's files
+
+
+def mergekit_template_files() -> dict[str, str]:
+    """The named templates in the installed mergekit's package, read from its folder (not through
+    wandamerge): name -> text."""
+    mergekit = pytest.importorskip("mergekit")
+    folder = Path(mergekit.__file__).parent / "_data" / "chat_templates"
+    return {path.stem: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.jinja"))}
+
+
+def test_named_templates_are_read_from_mergekit(family, tmp_path):
+    """Each name is the text of mergekit's file to the byte, and the merge writes that text; wandamerge
+    ships no template of its own."""
+    files = mergekit_template_files()
+    assert chat_template_names() == sorted(files) and "chatml" in files
+    assert all(chat_template_text(name) == text for name, text in files.items())
+    assert not list(Path(wandamerge.__file__).parent.rglob("*.jinja"))
+    merge(parse_recipe(recipe_of(family, "task_arithmetic", [("ft1", {"weight": 0.5})], chat_template="mistral")),
+          tmp_path / "out", progress=False)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == files["mistral"]
+
+
+def test_unknown_template_name_is_refused_with_a_suggestion(family, tmp_path):
+    mergekit_template_files()
+    recipe = recipe_of(family, "task_arithmetic", [("ft1", {"weight": 0.5})], chat_template="chatmll")
+    assert "unknown chat_template 'chatmll'; did you mean 'chatml'?" in refused(recipe, tmp_path)
+
+
+@pytest.fixture
+def no_mergekit(monkeypatch):
+    """mergekit made unimportable, as where it is not installed (its cached modules too)."""
+    for name in ["mergekit", *(name for name in sys.modules if name.startswith("mergekit."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert chat_template_names() is None
+
+
+def test_without_mergekit_a_name_is_refused_in_one_line(family, tmp_path, no_mergekit):
+    """A name passes the recipe's check (the names are mergekit's to list) and is refused before the merge;
+    a name that is no identifier is refused as the recipe is read."""
+    recipe = recipe_of(family, "task_arithmetic", [("ft1", {"weight": 0.5})], chat_template="chatml")
+    parse_recipe(recipe)
+    assert refused(recipe, tmp_path).endswith(
+        "chat_template 'chatml' is one of mergekit's named templates; install mergekit to use it, or give the "
+        "template itself (a Jinja string) or 'auto'")
+    recipe["chat_template"] = "chat ml"
+    assert "neither a template name, 'auto' nor a Jinja template" in refused(recipe, tmp_path)
+
+
+@pytest.mark.parametrize("template", [JINJA, "auto"])
+def test_without_mergekit_a_jinja_template_or_auto_works(family, tmp_path, no_mergekit, template):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_of(family, "task_arithmetic", [("ft1", {"weight": 0.5})],
+                                             chat_template=template), sort_keys=False))
+    result = CliRunner().invoke(main, ["-q", "merge", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    expected = JINJA if template == JINJA else FT1_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == expected
+
+
 # ----------------------------------------------------------------------------- our paths agree
 
 
@@ -244,7 +308,7 @@ def refused(recipe: dict, tmp_path) -> str:
     ({"tokenizer": {"tokens": {"<x>": {"force": True}}}}, "give a source"),
     ({"tokenizer": {"tokens": {"<x>": {"source": "/elsewhere/model"}}}}, "none of the recipe's models"),
     ({"tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of"),
-    ({"chat_template": "chatmll"}, "neither a template name (alpaca, chatml"),
+    ({"chat_template": "{{ x }}"}, "neither a template name, 'auto' nor a Jinja template"),
 ])
 def test_bad_tokenizer_sections_are_refused_in_one_line(family, tmp_path, keys, message):
     keys = json.loads(json.dumps(keys).replace('"FT1"', json.dumps(family["ft1"])))

@@ -41,6 +41,7 @@ from ..calibration import calibration_windows
 from ..core.selection import selects_lean
 from ..errors import InputError
 from ..io.adapters import LoraAdapter, open_input
+from ..io.chat_templates import chat_template_text
 from ..io.dtypes import DTYPE_NAMES, TORCH_DTYPES, dtype_name, torch_dtype
 from ..io.record import StageClock, input_digests, peak_memory, versions
 from ..io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, TensorRows
@@ -177,6 +178,7 @@ def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, de
     t_start = time.perf_counter()
     clock = StageClock()
     with clock.stage("open_and_check"):
+        chat_template = _chat_template(recipe)
         opened, out = open_merge_inputs(recipe, out, overwrite)
     score = _score(recipe)
     norms_per_input, aim_stats, calib_record = [None] * len(recipe.models), None, None
@@ -201,8 +203,8 @@ def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, de
             lambda tmp: _merge_tensors(recipe, opened, norms_per_input, aim_stats, tmp, max_shard_size, progress,
                                        precomputed),
             {"calibration": calib_record, "notes": opened.notes},
-            _tokenizer_writer(recipe, opened.base_dir, opened.vocabulary, [_model_dir(opened, spec) for spec in
-                                                                          opened.token_models], copy_tokenizer),
+            _tokenizer_writer(chat_template, opened.base_dir, opened.vocabulary,
+                              [_model_dir(opened, spec) for spec in opened.token_models], copy_tokenizer),
             vocabulary=opened.vocabulary)
     finally:
         cleanup.close()
@@ -255,6 +257,7 @@ def merge_slices(recipe: SlicesRecipe, out: str | Path, *, recipe_text: str | No
     says where each output block comes from."""
     t_start, clock = time.perf_counter(), StageClock()
     with clock.stage("open_and_check"):
+        chat_template = _chat_template(recipe)
         settings = recipe.tokenizer_settings()
         layout = stacked_layout(recipe, own_vocabularies=settings is not None)
         out = check_output_dir(out, [str(c.path) for c in layout.checkpoints.values()], overwrite)
@@ -280,7 +283,7 @@ def merge_slices(recipe: SlicesRecipe, out: str | Path, *, recipe_text: str | No
     return _write_merge(recipe, out, overwrite, recipe_text, clock, t_start, "cpu", layout.checkpoints,
                         layout.donor.path, out_dtype or _dtype_of(layout.donor), write_tensors,
                         {"calibration": None, "notes": [], "layers": layout.layers},
-                        _tokenizer_writer(recipe, layout.donor.path, vocabulary, list(model_dirs.values()),
+                        _tokenizer_writer(chat_template, layout.donor.path, vocabulary, list(model_dirs.values()),
                                           copy_tokenizer), layout.config, vocabulary)
 
 
@@ -791,12 +794,19 @@ def _write_config(base_dir: Path, out: Path, dtype, config: dict | None = None,
         shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
 
 
-def _tokenizer_writer(recipe: Recipe, donor: Path, vocabulary: OutputVocabulary | None, model_dirs: list[Path],
-                      copy: bool):
-    """What writes the output's tokenizer into a folder: the output vocabulary's, else the donor's."""
+def _chat_template(recipe: Recipe) -> str | None:
+    """The recipe's chat template, a name read from mergekit's package now: a name that cannot be read is
+    refused before the merge, not after it."""
+    return None if not recipe.chat_template else chat_template_text(recipe.chat_template)
+
+
+def _tokenizer_writer(chat_template: str | None, donor: Path, vocabulary: OutputVocabulary | None,
+                      model_dirs: list[Path], copy: bool):
+    """What writes the output's tokenizer into a folder: the output vocabulary's, else the donor's;
+    ``chat_template`` as :func:`_chat_template` gives it."""
     if vocabulary is not None:
-        return lambda out: vocabulary.save(out, recipe.chat_template, model_dirs)
-    return lambda out: save_tokenizer(donor, out, recipe.chat_template, model_dirs, copy)
+        return lambda out: vocabulary.save(out, chat_template, model_dirs)
+    return lambda out: save_tokenizer(donor, out, chat_template, model_dirs, copy)
 
 
 def merge_card(recipe: Recipe, recipe_text: str | None, record: dict) -> str:

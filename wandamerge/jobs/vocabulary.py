@@ -30,7 +30,7 @@ import torch
 
 from ..core.vocabulary import MISSING, PermutedRows, TokenRule, default_embeddings, default_rows, padded_size
 from ..errors import InputError
-from ..io.chat_templates import AUTO, named_chat_template
+from ..io.chat_templates import AUTO
 from ..io.safetensors import read_json
 from ..models import local_model_dir
 from ..recipe import TokenizerSection, TokenSetting, ZeroSource
@@ -206,7 +206,8 @@ def _union(base_tokenizer, tokenizers: dict[str, tuple[object, Path]]):
 
 
 def _set_chat_template(tokenizer, chat_template: str | None, model_dirs: list[Path]) -> None:
-    """mergekit's ``chat_template``: a name, a Jinja template, or ``auto`` (the template most inputs have)."""
+    """mergekit's ``chat_template``: a Jinja template (a name's text, read by
+    :func:`~wandamerge.io.chat_templates.chat_template_text`), or ``auto`` (the template most inputs have)."""
     if not chat_template:
         return
     if chat_template == AUTO:
@@ -222,7 +223,7 @@ def _set_chat_template(tokenizer, chat_template: str | None, model_dirs: list[Pa
             log.warning("chat_template: auto, and no input model has a chat template: none is written")
             return
         chat_template = Counter(found).most_common(1)[0][0]
-    tokenizer.chat_template = named_chat_template(chat_template)
+    tokenizer.chat_template = chat_template
 
 
 def save_tokenizer(donor: Path, out: Path, chat_template: str | None, model_dirs: list[Path],
