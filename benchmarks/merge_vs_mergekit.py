@@ -113,35 +113,53 @@ def explain_differences(ours: Path, theirs: Path, base: Path, finetunes: list[Pa
     return {"tensors": len(names), "differing": differing, "differing_with_ties_at_cutoff": explained}
 
 
-def compare_outputs(ours: Path, theirs: Path, base: Path) -> dict:
-    """Max |ours - theirs|, differing tensors and entries, kept entries and the relative distance of the deltas."""
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Each tensor's name in a saved model, and the safetensors file that holds it."""
     from safetensors import safe_open
 
-    def index(path):
-        found = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(file, "pt") as h:
-                found.update({k: file for k in h.keys()})
-        return found
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as h:
+            found.update({k: file for k in h.keys()})
+    return found
 
-    ours_at, theirs_at, base_at = index(ours), index(theirs), index(base)
+
+def compare_outputs(ours: Path, theirs: Path, base: Path | None) -> dict:
+    """Max |ours - theirs|, differing tensors and entries; with a ``base`` (every output tensor in it), the
+    kept entries and the relative distance of the deltas too. Names in one output only are listed."""
+    from safetensors import safe_open
+
+    ours_at, theirs_at = tensor_files(ours), tensor_files(theirs)
+    base_at = tensor_files(base) if base is not None else None
     worst, tensors, entries, kept_ours, kept_theirs, total, dist2, norm2 = 0.0, 0, 0, 0, 0, 0, 0.0, 0.0
     for name, file in theirs_at.items():
-        with safe_open(ours_at[name], "pt") as o, safe_open(file, "pt") as t, safe_open(base_at[name], "pt") as b:
-            a, c, base_t = o.get_tensor(name).float(), t.get_tensor(name).float(), b.get_tensor(name).float()
+        if name not in ours_at:
+            continue
+        with safe_open(ours_at[name], "pt") as o, safe_open(file, "pt") as t:
+            a, c = o.get_tensor(name).float(), t.get_tensor(name).float()
         if not torch.equal(a, c):
             tensors += 1
-            entries += int((a != c).sum())
-            worst = max(worst, (a - c).abs().max().item())
+            entries += int((a != c).sum()) if a.shape == c.shape else max(a.numel(), c.numel())
+            worst = max(worst, (a - c).abs().max().item() if a.shape == c.shape else float("inf"))
+        if base_at is None:
+            continue
+        with safe_open(base_at[name], "pt") as b:
+            base_t = b.get_tensor(name).float()
         da, dc = a - base_t, c - base_t
         kept_ours += int((da != 0).sum())
         kept_theirs += int((dc != 0).sum())
         total += da.numel()
         dist2 += float((da - dc).pow(2).sum())
         norm2 += float(dc.pow(2).sum())
-    return {"max_abs_diff": worst, "differing_tensors": tensors, "tensors": len(theirs_at), "differing_entries": entries,
-            "kept_fraction_wandamerge": kept_ours / total, "kept_fraction_mergekit": kept_theirs / total,
-            "relative_delta_distance": (dist2 / norm2) ** 0.5 if norm2 else 0.0}
+    result = {"max_abs_diff": worst, "differing_tensors": tensors, "tensors": len(theirs_at),
+              "differing_entries": entries}
+    if base_at is not None:
+        result.update({"kept_fraction_wandamerge": kept_ours / total, "kept_fraction_mergekit": kept_theirs / total,
+                       "relative_delta_distance": (dist2 / norm2) ** 0.5 if norm2 else 0.0})
+    if ours_at.keys() != theirs_at.keys():
+        result["only_in_wandamerge"] = sorted(ours_at.keys() - theirs_at.keys())
+        result["only_in_mergekit"] = sorted(theirs_at.keys() - ours_at.keys())
+    return result
 
 
 def mergekit_executable(work: Path) -> Path:
@@ -161,6 +179,35 @@ def venv_versions(python: Path, packages: list[str]) -> dict:
     done = subprocess.run([str(python), str(HERE / "peers" / "package_versions.py"), *packages], capture_output=True,
                           text=True, check=True)
     return json.loads(done.stdout)
+
+
+def mergekit_side(mergekit: Path) -> dict:
+    """The mergekit executable and the versions of mergekit, torch and transformers beside it."""
+    return {"executable": str(mergekit),
+            **venv_versions(mergekit.parent / "python", ["mergekit", "torch", "transformers"])}
+
+
+def run_both(recipe_path: Path, work: Path, mergekit: Path, repeats: int, label: str) -> tuple[dict, dict]:
+    """Run one recipe through ``wandamerge merge`` and ``mergekit-yaml``, one after the other, ``repeats``
+    times, each its own measured process writing ``work/out-<tool>``: ({tool: [{wall_s, peak_rss_bytes}]},
+    {tool: error}); a failure ends that repeat."""
+    runs = {"wandamerge": [], "mergekit": []}
+    failures = {}
+    for _ in range(repeats):
+        for tool in runs:
+            out = work / f"out-{tool}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = ([str(BIN / "wandamerge"), "-q", "merge", str(recipe_path), "-o", str(out)] if tool == "wandamerge"
+                   else [str(mergekit), str(recipe_path), str(out)])
+            try:
+                wall, rss = measure(cmd)
+            except RuntimeError as err:  # a peer failure is recorded exactly as it happened
+                failures[tool] = str(err)
+                print(f"{label} {tool}: FAILED\n{err}", flush=True)
+                break
+            runs[tool].append({"wall_s": wall, "peak_rss_bytes": rss})
+            print(f"{label} {tool}: {wall:.1f} s, {rss / 1e9:.2f} GB", flush=True)
+    return runs, failures
 
 
 def main() -> None:
@@ -201,22 +248,7 @@ def main() -> None:
             recipe["parameters"] = {"lambda": 1.0}
         recipe_path = work / f"{method}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        runs = {"wandamerge": [], "mergekit": []}
-        failures = {}
-        for _ in range(args.repeats):
-            for tool in runs:
-                out = work / f"out-{tool}"
-                shutil.rmtree(out, ignore_errors=True)
-                cmd = ([str(BIN / "wandamerge"), "-q", "merge", str(recipe_path), "-o", str(out)] if tool == "wandamerge"
-                       else [str(mergekit), str(recipe_path), str(out)])
-                try:
-                    wall, rss = measure(cmd)
-                except RuntimeError as err:  # a peer failure is recorded exactly as it happened
-                    failures[tool] = str(err)
-                    print(f"{method} {tool}: FAILED\n{err}", flush=True)
-                    break
-                runs[tool].append({"wall_s": wall, "peak_rss_bytes": rss})
-                print(f"{method} {tool}: {wall:.1f} s, {rss / 1e9:.2f} GB", flush=True)
+        runs, failures = run_both(recipe_path, work, mergekit, args.repeats, method)
         row = {"recipe": recipe, "runs": runs, "failures": failures, "stochastic": method in STOCHASTIC}
         if not failures:
             row["comparison"] = compare_outputs(work / "out-wandamerge", work / "out-mergekit", base)
@@ -229,8 +261,7 @@ def main() -> None:
     from wandamerge.io.record import provenance, versions
 
     meta = {**provenance([__file__, *sys.argv[1:]]), "versions": versions(),
-            "mergekit": {"executable": str(mergekit),
-                         **venv_versions(mergekit.parent / "python", ["mergekit", "torch", "transformers"])},
+            "mergekit": mergekit_side(mergekit),
             "density": args.density, "repeats": args.repeats}
     result = shown({"meta": meta, "floor": floor_runs, "methods": rows})  # the recipes' paths too
     results = HERE / "results"
@@ -238,6 +269,21 @@ def main() -> None:
     (results / "merge_vs_mergekit.json").write_text(json.dumps(result, indent=2))
     (results / "merge_vs_mergekit.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def cost_cells(runs: dict) -> str:
+    """Table cells: wandamerge s | mergekit s | wall ratio | wandamerge GB | mergekit GB | memory ratio (the
+    best wall of each tool's runs, the largest peak RSS)."""
+    ours, theirs = runs["wandamerge"], runs["mergekit"]
+    w_o, w_t = min(r["wall_s"] for r in ours), min(r["wall_s"] for r in theirs)
+    m_o, m_t = max(r["peak_rss_bytes"] for r in ours), max(r["peak_rss_bytes"] for r in theirs)
+    return f"{w_o:.1f} | {w_t:.1f} | {w_o / w_t:.2f} | {m_o / 1e9:.2f} | {m_t / 1e9:.2f} | {m_o / m_t:.2f}"
+
+
+def failure_note(name: str, failures: dict) -> list[str]:
+    """Markdown lines: which tool failed on ``name``, and its error as it came."""
+    return [f"- **{name}** failed in {', '.join(failures)}:", "", "```",
+            *[f"{tool}: {err.strip()}" for tool, err in failures.items()], "```"]
 
 
 def markdown(result: dict) -> str:
@@ -264,15 +310,11 @@ def markdown(result: dict) -> str:
     for method, row in result["methods"].items():
         if row["failures"]:
             lines.append(f"| {method} | failed in {', '.join(row['failures'])} (see the notes) |" + " — |" * 9)
-            notes += [f"- **{method}** failed in {', '.join(row['failures'])}:", "", "```",
-                      *[f"{tool}: {err.strip()}" for tool, err in row["failures"].items()], "```"]
+            notes += failure_note(method, row["failures"])
             continue
-        ours, theirs = row["runs"]["wandamerge"], row["runs"]["mergekit"]
-        w_o, w_t = min(r["wall_s"] for r in ours), min(r["wall_s"] for r in theirs)
-        m_o, m_t = max(r["peak_rss_bytes"] for r in ours), max(r["peak_rss_bytes"] for r in theirs)
         c = row["comparison"]
-        lines.append(f"| {method}{' (random)' if row['stochastic'] else ''} | {w_o:.1f} | {w_t:.1f} | {w_o / w_t:.2f} | "
-                     f"{m_o / 1e9:.2f} | {m_t / 1e9:.2f} | {m_o / m_t:.2f} | {c['max_abs_diff']:.3g} | "
+        lines.append(f"| {method}{' (random)' if row['stochastic'] else ''} | {cost_cells(row['runs'])} | "
+                     f"{c['max_abs_diff']:.3g} | "
                      f"{c['differing_tensors']} of {c['tensors']} | {c['kept_fraction_wandamerge']:.4f} / "
                      f"{c['kept_fraction_mergekit']:.4f} | {c['relative_delta_distance']:.3g} |")
         if "ties_explained" in row:
