@@ -651,6 +651,14 @@ def _election_plan(spec: MergeMethod, shape: tuple[int, ...], election: str | No
     return {}, "the activation election needs every fine-tune's input norms of a matrix: elected by the summed mass"
 
 
+def _refuse_delta_options(spec: MergeMethod, **options) -> None:
+    """A method on whole tensors takes none of the task-vector options; each one given is named."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ConfigError(f"{spec.name} merges whole tensors and takes no {', '.join(given)}; "
+                          f"give its own parameters as parameters={{...}}")
+
+
 def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[float] | float,
                densities: Sequence[float] | float | None = None, *, score: str | None = None,
                lambda_: float | None = None, normalize: bool | None = None, rescale: Rescale | None = None,
@@ -663,14 +671,10 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     :func:`merge_tensor`); an option the method or its sparsifier does not use is refused here."""
     spec = get_method(method)
     if spec.on == "tensors":
-        options = {"densities": densities, "score": score, "lambda_": lambda_, "normalize": normalize,
-                   "rescale": rescale, "gamma": gamma, "epsilon": epsilon, "input_sq_norms": input_sq_norms,
-                   "group": group, "pattern": pattern, "input_grams": input_grams, "alpha": alpha, "ridge": ridge,
-                   "election": election, "gram_share": gram_share}
-        given = [k for k, v in options.items() if v is not None]
-        if given:
-            raise ConfigError(f"{spec.name} merges whole tensors and takes no {', '.join(given)}; "
-                              f"give its own parameters as parameters={{...}}")
+        _refuse_delta_options(spec, densities=densities, score=score, lambda_=lambda_, normalize=normalize,
+                              rescale=rescale, gamma=gamma, epsilon=epsilon, input_sq_norms=input_sq_norms,
+                              group=group, pattern=pattern, input_grams=input_grams, alpha=alpha, ridge=ridge,
+                              election=election, gram_share=gram_share)
         return _plan_on_tensors(spec, tuple(shape), n, weights, parameters or {}, with_base)
     if parameters:
         raise ConfigError(f"{spec.name} takes its options as keywords (weights, densities, score, lambda_, ...), "
