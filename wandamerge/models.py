@@ -47,6 +47,19 @@ BLOCK_PATHS: dict[str, str] = {
     "gpt_neox": "gpt_neox.layers",
 }
 
+# mixture-of-experts families: transformers 5 stores their experts fused (:class:`FusedExperts`)
+MOE_BLOCK_PATHS: dict[str, str] = {
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
+    "olmoe": "model.layers",
+    "gpt_oss": "model.layers",
+}
+BLOCK_PATHS.update(MOE_BLOCK_PATHS)
+# the names of the linear maps inside an MoE block that route tokens (Qwen2-MoE's shared-expert gate is an
+# nn.Linear; the routers of transformers 5 are their own modules, not linear maps): never pruned
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
 # architectures whose block linear maps are Conv1D, stored (in, out)
 TRANSPOSED_LINEAR_TYPES = frozenset({"gpt2"})
 
@@ -99,6 +112,107 @@ class LinearMap:
         return self.weight.shape[1]
 
 
+@dataclass
+class ExpertMap:
+    """One expert's slice of a fused 3-D expert parameter (transformers 5's MoE layout), seen as a linear map
+    ``y = x @ W.T``: the same interface as :class:`LinearMap` (``name``, ``weight`` as ``(out, in)``,
+    ``set_weight``), so pruning and merging treat an expert's map as any other. Its inputs are not hooked
+    (a fused tensor is no module): :func:`wandamerge.runner` computes them from the tokens routed to it."""
+
+    name: str  # inside the block: "<experts>.<expert>.<parameter>", e.g. "mlp.experts.3.gate_up_proj"
+    experts: "FusedExperts"
+    param: str  # "gate_up_proj" / "up_proj" / "down_proj"
+    expert: int
+
+    @property
+    def module(self) -> nn.Module:
+        return self.experts.module
+
+    @property
+    def transposed(self) -> bool:
+        return self.experts.transposed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = getattr(self.module, self.param).data[self.expert]
+        return w.t() if self.transposed else w
+
+    def set_weight(self, new: torch.Tensor) -> None:
+        getattr(self.module, self.param).data[self.expert].copy_(new.t() if self.transposed else new)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass
+class FusedExperts:
+    """The experts of one MoE block as transformers 5 stores them: one 3-D parameter for every expert's
+    gate and up maps (``gate_up_proj``; ``up_proj`` for ungated experts), one for their down maps, per-expert
+    biases where the family has them, and the layout flags of ``transformers.integrations.moe``
+    (``is_transposed``: stored ``(expert, in, out)``; ``has_bias``; ``has_gate``). The experts module is
+    called with ``(hidden_states, top_k_index, top_k_weights)``."""
+
+    name: str  # inside the block, e.g. "mlp.experts"
+    module: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.module.num_experts)
+
+    @property
+    def transposed(self) -> bool:
+        return bool(getattr(self.module, "is_transposed", False))
+
+    @property
+    def up_param(self) -> str:
+        return "gate_up_proj" if getattr(self.module, "has_gate", True) else "up_proj"
+
+    def maps(self, expert: int) -> list[ExpertMap]:
+        """Expert ``expert``'s maps in the order they run: up (with gate), then down."""
+        return [ExpertMap(f"{self.name}.{expert}.{param}", self, param, expert)
+                for param in (self.up_param, "down_proj")]
+
+    def _bias(self, param: str, expert: int) -> torch.Tensor | None:
+        if not getattr(self.module, "has_bias", False):
+            return None
+        return getattr(self.module, f"{param}_bias")[expert]
+
+    def down_inputs(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """The inputs of expert ``expert``'s down map for tokens ``x`` (tokens, hidden) reaching it: its up
+        map (with bias), then the family's own gating (``_apply_gate``) or activation."""
+        up = self.maps(expert)[0]
+        h = nn.functional.linear(x.to(up.weight.dtype), up.weight, self._bias(up.param, expert))
+        return self.module._apply_gate(h) if getattr(self.module, "has_gate", True) else self.module.act_fn(h)
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    params = dict(module.named_parameters(recurse=False))
+    up = params.get("gate_up_proj", params.get("up_proj"))
+    down = params.get("down_proj")
+    return (hasattr(module, "num_experts") and up is not None and down is not None and up.ndim == 3
+            and down.ndim == 3)
+
+
+def block_experts(block: nn.Module) -> list[FusedExperts]:
+    """The fused expert modules of one block (none in a dense block); a layout this package cannot compute
+    the inputs of is refused in one line."""
+    found = [FusedExperts(name, m) for name, m in block.named_modules() if _is_fused_experts(m)]
+    for experts in found:
+        if getattr(experts.module, "has_post_expert_norm", False):
+            raise ModelError(f"{type(experts.module).__name__}: experts with a norm after each expert are not "
+                             f"supported")
+        if getattr(experts.module, "_is_expert_parallel", False):
+            raise ModelError(f"{type(experts.module).__name__}: expert-parallel models are not supported; load "
+                             f"the model on one device")
+    return found
+
+
+def is_router(name: str) -> bool:
+    """Whether a linear map named ``name`` inside an MoE block routes tokens to experts (:data:`ROUTER_NAMES`)."""
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
 def supported_architectures() -> str:
     return ", ".join(sorted(BLOCK_PATHS))
 
@@ -124,9 +238,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def block_linears(block: nn.Module) -> list[LinearMap]:
-    """The linear maps of one block, in the order the block creates them."""
+    """The linear maps of one block, in the order the block creates them; in an MoE block not the routers
+    (:func:`is_router`: never pruned) nor the fused experts (:func:`block_experts`)."""
     kinds = (nn.Linear, *_conv1d_type())
-    return [LinearMap(name, m) for name, m in block.named_modules() if isinstance(m, kinds)]
+    moe = any(_is_fused_experts(m) for m in block.modules())
+    return [LinearMap(name, m) for name, m in block.named_modules()
+            if isinstance(m, kinds) and not (moe and is_router(name))]
 
 
 def block_prefix(model: nn.Module) -> str:
