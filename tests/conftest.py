@@ -38,6 +38,40 @@ def tiny_config(arch: str):
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"]
+MOE_ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe"]
+
+
+def tiny_moe_config(arch: str, experts: int = 4):
+    """A 2-block mixture-of-experts model of each fused-expert family transformers 5 ships that we test:
+    ``experts`` experts, top-2 routing, widths divisible by 8."""
+    from transformers import GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32,
+                  intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=experts, **common)
+    if arch == "gpt_oss":
+        return GptOssConfig(num_local_experts=experts, head_dim=8, **common)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=16, head_dim=8, **common)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(num_experts=experts, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                              **common)
+    if arch == "olmoe":
+        return OlmoeConfig(num_experts=experts, **common)
+    raise KeyError(arch)
+
+
+def tiny_moe_model(arch: str, seed: int = 0, experts: int = 4):
+    """A tiny random MoE model, its matrices and expert tensors spread N(0, 0.2) so that masks are decisive."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, experts)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.2)
+    return model
 
 
 def tiny_model(arch: str, seed: int = 0, num_layers: int | None = None):

@@ -173,6 +173,10 @@ class FusedExperts:
         return [ExpertMap(f"{self.name}.{expert}.{param}", self, param, expert)
                 for param in (self.up_param, "down_proj")]
 
+    def all_maps(self) -> list[ExpertMap]:
+        """Every expert's maps, expert by expert."""
+        return [m for expert in range(self.num_experts) for m in self.maps(expert)]
+
     def _bias(self, param: str, expert: int) -> torch.Tensor | None:
         if not getattr(self.module, "has_bias", False):
             return None

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, ModelError
 from .loaders import BlockLoader, default_loader
-from .models import LinearMap, block_linears, decoder_blocks
+from .models import ExpertMap, FusedExperts, LinearMap, block_experts, block_linears, decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,47 @@ def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
     return stats
 
 
-# A visitor gets (block index, linear map, statistics of its inputs or None).
-Visitor = Callable[[int, LinearMap, "InputStats | None"], None]
+# A visitor gets (block index, linear map or an expert's map, statistics of its inputs or None).
+Visitor = Callable[[int, "LinearMap | ExpertMap", "InputStats | None"], None]
+
+
+# ----------------------------------------------------------------------------- the inputs of fused experts
+
+
+def routed_to(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
+    """Which tokens (rows of ``top_k_index``, (tokens, k)) the router sent to ``expert``."""
+    return (top_k_index == expert).any(-1)
+
+
+INDEX_ARGUMENTS = ("top_k_index", "router_indices")  # the experts' second argument, by family
+
+
+def experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states as (tokens, hidden), top-k expert indices as (tokens, k)) of a call of an experts module,
+    ``experts(hidden_states, top_k_index, top_k_weights)``."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else next(kwargs[k] for k in INDEX_ARGUMENTS if k in kwargs)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden, index.reshape(hidden.shape[0], -1)
+
+
+def expert_inputs(experts: FusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, all_experts: bool):
+    """Each expert's maps with their inputs, in the order they run: the up map on the tokens routed to the
+    expert (every token with ``all_experts``), then the down map on the up map's gated output. A generator:
+    the down map's inputs are computed after the caller is done with the up map (in the sequential order it
+    is already pruned, as the expert's own forward would see it)."""
+    for expert in range(experts.num_experts):
+        x = hidden if all_experts else hidden[routed_to(top_k_index, expert)]
+        up, down = experts.maps(expert)
+        yield up, x
+        yield down, experts.down_inputs(expert, x)
+
+
+def _warn_unrouted(index: int, unseen: list[str]) -> None:
+    if unseen:
+        log.warning("block %d: %d expert maps saw no calibration tokens (%s%s); their statistics are zero: "
+                    "more calibration windows or --calibrate-all-experts", index, len(unseen),
+                    ", ".join(unseen[:4]), ", ..." if len(unseen) > 4 else "")
 
 
 @dataclass
@@ -152,13 +191,16 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
                    needs: Iterable[str] = (NORMS,), device: str | torch.device = "cpu",
                    batch_size: int | None = None, within_block: str = "sequential",
                    progress: bool = True, desc: str = "blocks",
-                   loader: BlockLoader | None = None) -> PassTimings:
+                   loader: BlockLoader | None = None, all_experts: bool = False) -> PassTimings:
     """Visit every linear map of every decoder block, in order, with its input statistics.
 
     ``needs`` names the statistics the visitor wants (``NORMS``, ``GRAM``, ``ABS``); with
     no needs (magnitude pruning, data-free merging) no calibration is run.
     ``loader`` brings each block in before its turn and takes it away after
-    (default: :func:`default_loader`).
+    (default: :func:`default_loader`). The fused experts of an MoE block are visited
+    expert by expert (:class:`~wandamerge.models.ExpertMap`), each with the statistics of
+    the tokens the model's own router sent to it; with ``all_experts`` every token
+    counts for every expert (the block's outputs still follow the real routing).
     """
     loader = loader or default_loader(model, device)
     needs = set(needs)
@@ -187,7 +229,8 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
         for index, block in enumerate(progress_blocks):
             t_block = time.perf_counter()
             loader.load(index, block)
-            outputs = one_block(index, block, block_linears(block), inputs, visit, needs, timings, device)
+            maps = BlockMaps(block_linears(block), block_experts(block), all_experts)
+            outputs = one_block(index, block, maps, inputs, visit, needs, timings, device)
             loader.unload(index, block)
             for batch, out in zip(inputs, outputs):
                 batch.hidden = out
@@ -204,17 +247,21 @@ def _visit_without_data(blocks, visit: Visitor, loader: BlockLoader) -> PassTimi
         loader.load(index, block)
         for linear in block_linears(block):
             visit(index, linear, None)
+        for experts in block_experts(block):
+            for expert_map in experts.all_maps():
+                visit(index, expert_map, None)
         loader.unload(index, block)
         timings.visit_s += time.perf_counter() - t0
         timings.per_block_s.append(time.perf_counter() - t0)
     return timings
 
 
-def _unseen_stats(linear: LinearMap, needs: set[str]) -> InputStats:
-    """Statistics of a map that saw no calibration token (an MoE expert no token was routed to)."""
+def _unseen_stats(linear, needs: set[str], warn: bool = True) -> InputStats:
+    """Statistics of a map that saw no calibration token (a map its block never called)."""
     width = linear.in_features
     device = linear.weight.device
-    log.warning("%s saw no calibration tokens; its statistics are zero", linear.name)
+    if warn:
+        log.warning("%s saw no calibration tokens; its statistics are zero", linear.name)
     return InputStats(0, torch.zeros(width, device=device) if NORMS in needs else None,
                       torch.zeros(width, width, device=device) if GRAM in needs else None,
                       torch.zeros(width, device=device) if ABS in needs else None)
@@ -230,8 +277,30 @@ def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
                              f"the calibration windows: the model overflows there; {hint}")
 
 
-def _sequential_block(index, block, linears, inputs, visit, needs, timings, device):
-    """One forward: each map is visited (and pruned) as its input arrives."""
+@dataclass
+class BlockMaps:
+    """What a block's pass visits: its linear maps (hooked) and its fused experts (expert by expert)."""
+
+    linears: list[LinearMap]
+    experts: list[FusedExperts] = field(default_factory=list)
+    all_experts: bool = False  # every token's statistics for every expert, not only the routed ones
+
+    def expert_maps(self) -> list[ExpertMap]:
+        return [m for experts in self.experts for m in experts.all_maps()]
+
+
+def _timed_visit(visit: Visitor, index: int, linear, stats: InputStats, timings: PassTimings, device) -> None:
+    check_finite(index, linear, stats)
+    _sync(device)
+    t0 = time.perf_counter()
+    visit(index, linear, stats)
+    _sync(device)
+    timings.visit_s += time.perf_counter() - t0
+
+
+def _sequential_block(index, block, maps: BlockMaps, inputs, visit, needs, timings, device):
+    """One forward: each map is visited (and pruned) as its input arrives; an expert's maps when the experts
+    module is called, expert by expert, each down map after its (pruned) up map."""
     last = {"x": None, "stats": None}
     seen: set[str] = set()
 
@@ -243,15 +312,26 @@ def _sequential_block(index, block, linears, inputs, visit, needs, timings, devi
             x = args[0]
             if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
                 last["x"], last["stats"] = x, input_stats(x, needs)
-            check_finite(index, linear, last["stats"])
-            _sync(device)
-            t0 = time.perf_counter()
-            visit(index, linear, last["stats"])
-            _sync(device)
-            timings.visit_s += time.perf_counter() - t0
+            _timed_visit(visit, index, linear, last["stats"], timings, device)
         return hook
 
-    handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in linears]
+    def make_experts_hook(experts: FusedExperts):
+        def hook(module, args, kwargs):
+            if experts.name in seen:
+                return
+            seen.add(experts.name)
+            hidden, top_k_index = experts_call(args, kwargs)
+            unseen = []
+            for expert_map, x in expert_inputs(experts, hidden, top_k_index, maps.all_experts):
+                stats = input_stats(x, needs)
+                if not stats.tokens:
+                    unseen.append(expert_map.name)
+                _timed_visit(visit, index, expert_map, stats, timings, device)
+            _warn_unrouted(index, unseen)
+        return hook
+
+    handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in maps.linears]
+    handles += [e.module.register_forward_pre_hook(make_experts_hook(e), with_kwargs=True) for e in maps.experts]
     try:
         t0 = time.perf_counter()
         outputs = [_run_block(block, batch) for batch in inputs]
@@ -260,16 +340,24 @@ def _sequential_block(index, block, linears, inputs, visit, needs, timings, devi
     finally:
         for handle in handles:
             handle.remove()
-    for linear in linears:
+    for linear in maps.linears:
         if linear.name not in seen:
             visit(index, linear, _unseen_stats(linear, needs))
+    for experts in maps.experts:
+        if experts.name not in seen:  # a block that never called its experts
+            for expert_map in experts.all_maps():
+                visit(index, expert_map, _unseen_stats(expert_map, needs))
     return outputs
 
 
 def block_input_stats(block: nn.Module, linears: list[LinearMap], inputs: list[BlockInputs],
-                      needs: set[str]) -> dict[str, InputStats]:
-    """The statistics of every linear map's inputs while ``inputs`` run through ``block`` (unchanged)."""
+                      needs: set[str], experts: list[FusedExperts] = (),
+                      all_experts: bool = False) -> dict[str, InputStats]:
+    """The statistics of every linear map's inputs while ``inputs`` run through ``block`` (unchanged), and of
+    every expert's maps of ``experts`` (the tokens routed to each; every token with ``all_experts``)."""
     totals = {lin.name: InputStats() for lin in linears}
+    expert_maps = [m for fused in experts for m in fused.all_maps()]
+    totals.update({m.name: InputStats() for m in expert_maps})
     last = {"x": None, "stats": None}
 
     def make_hook(linear: LinearMap):
@@ -280,24 +368,39 @@ def block_input_stats(block: nn.Module, linears: list[LinearMap], inputs: list[B
             totals[linear.name].add(last["stats"])
         return hook
 
+    def make_experts_hook(fused: FusedExperts):
+        def hook(module, args, kwargs):
+            hidden, top_k_index = experts_call(args, kwargs)
+            for expert_map, x in expert_inputs(fused, hidden, top_k_index, all_experts):
+                totals[expert_map.name].add(input_stats(x, needs))
+        return hook
+
     handles = [lin.module.register_forward_pre_hook(make_hook(lin)) for lin in linears]
+    handles += [e.module.register_forward_pre_hook(make_experts_hook(e), with_kwargs=True) for e in experts]
     try:
         for batch in inputs:
             _run_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: stats if stats.tokens else _unseen_stats(next(lin for lin in linears if lin.name == name), needs)
-            for name, stats in totals.items()}
+    for linear in linears:
+        if not totals[linear.name].tokens:
+            totals[linear.name] = _unseen_stats(linear, needs)
+    for expert_map in expert_maps:
+        if totals[expert_map.name].sq_norms is None and totals[expert_map.name].gram is None:
+            totals[expert_map.name] = _unseen_stats(expert_map, needs, warn=False)
+    return totals
 
 
-def _parallel_block(index, block, linears, inputs, visit, needs, timings, device):
+def _parallel_block(index, block, maps: BlockMaps, inputs, visit, needs, timings, device):
     """Two forwards: statistics from the unpruned block, then outputs of the pruned one."""
     t0 = time.perf_counter()
-    totals = block_input_stats(block, linears, inputs, needs)
+    totals = block_input_stats(block, maps.linears, inputs, needs, maps.experts, maps.all_experts)
     _sync(device)
     t1 = time.perf_counter()
-    for linear in linears:
+    expert_maps = maps.expert_maps()
+    _warn_unrouted(index, [m.name for m in expert_maps if not totals[m.name].tokens])
+    for linear in maps.linears + expert_maps:
         check_finite(index, linear, totals[linear.name])
         visit(index, linear, totals[linear.name])
     _sync(device)

@@ -45,6 +45,9 @@ class PruneConfig(BaseModel):
     group: Literal[GROUPS] = Field(PruneTarget.group, description="Comparison group for unstructured masks.")
     variant: bool = Field(PruneTarget.variant, description="Wanda's cumulative-score alpha search (per-row, unstructured).")
     update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights (wanda/magnitude).")
+    calibrate_all_experts: bool = Field(False, description="MoE models: every expert's statistics from every "
+                                                           "calibration token, not only the tokens routed to it "
+                                                           "(the block's outputs still follow the router).")
     calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
                                            "TOKENS.npy")
     nsamples: int = Field(128, description="Calibration windows.")
@@ -158,7 +161,7 @@ def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = 
             report = prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
                            group=config.group, variant=config.variant, update=config.update, device=config.device,
                            batch_size=config.batch_size, within_block=config.within_block, progress=progress,
-                           loader=streamed.loader(config.device, after_block=writer.add_block) if streamed else None)
+                           all_experts=config.calibrate_all_experts, loader=streamed.loader(config.device, after_block=writer.add_block) if streamed else None)
         evaluation.measure("pruned")
         record = _record(config, source, report, evaluation, low_memory)
         if staged is None:
@@ -272,6 +275,8 @@ def _record(config: PruneConfig, source: str, report: PruneReport, evaluation: _
         "sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
                      "per_matrix": report.matrix_sparsity},
         "prune_seconds": report.seconds, "notes": evaluation.notes,
+        **({"experts": {name: {"tokens": report.expert_tokens.get(name), "sparsity": sparsity}
+                        for name, sparsity in report.expert_sparsity.items()}} if report.expert_sparsity else {}),
     }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..loaders import BlockLoader
-from ..models import LinearMap, block_linears, block_prefix, decoder_blocks
+from ..models import ExpertMap, LinearMap, block_experts, block_linears, block_prefix, decoder_blocks
 from ..runner import InputStats, blockwise_pass
 from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method
 
@@ -31,6 +31,9 @@ class PruneReport:
     matrix_sparsity: dict[str, float] = field(default_factory=dict)  # full parameter name -> zeros fraction
     block_sparsity: list[float] = field(default_factory=list)
     overall_sparsity: float = 0.0  # over all pruned linear maps
+    # MoE: full expert name (e.g. model.layers.0.mlp.experts.3) -> calibration tokens it saw / zeros fraction
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+    expert_sparsity: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -38,7 +41,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
           sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
           update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
           within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
-          progress: bool = True, loader: BlockLoader | None = None) -> PruneReport:
+          progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False) -> PruneReport:
     """Prune every linear map in the decoder blocks of ``model`` in place.
 
     ``calibration`` is an integer tensor of token windows ``(nsamples, seqlen)``;
@@ -47,6 +50,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     come from and go to (see :func:`wandamerge.runner.blockwise_pass`; a
     :class:`wandamerge.loaders.StreamedModel` gives one that reads one block at
     a time and hands it to the job's ``after_block`` when done).
+
+    Fused MoE experts are pruned expert by expert, each on the tokens the
+    router sends it (every token with ``all_experts``); routers are never pruned.
     """
     prune_method = get_prune_method(method)
     target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
@@ -61,16 +67,24 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     _check_finite_weights(model)
 
     zeros: dict[str, tuple[int, int]] = {}
+    experts: dict[str, list[int]] = {}  # expert -> [tokens, zeros, entries]
 
-    def visit(index: int, linear: LinearMap, stats: InputStats | None) -> None:
+    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> None:
         new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, target)
         linear.set_weight(new_weight.to(linear.weight.dtype))
-        zeros[f"{prefix}.{index}.{linear.name}.weight"] = (int((linear.weight == 0).sum()), linear.weight.numel())
+        counts = (int((linear.weight == 0).sum()), linear.weight.numel())
+        if isinstance(linear, ExpertMap):
+            zeros[f"{prefix}.{index}.{linear.name}"] = counts
+            seen = experts.setdefault(f"{prefix}.{index}.{linear.experts.name}.{linear.expert}", [0, 0, 0])
+            seen[0] = max(seen[0], stats.tokens if stats is not None else 0)
+            seen[1], seen[2] = seen[1] + counts[0], seen[2] + counts[1]
+        else:
+            zeros[f"{prefix}.{index}.{linear.name}.weight"] = counts
 
     t0 = time.perf_counter()
     timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
                              batch_size=batch_size, within_block=within_block, progress=progress,
-                             desc=f"{method} pruning", loader=loader)
+                             desc=f"{method} pruning", loader=loader, all_experts=all_experts)
     total = time.perf_counter() - t0
 
     report = PruneReport(
@@ -79,6 +93,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
         matrix_sparsity={k: z / n for k, (z, n) in zeros.items()},
         seconds={"catch": timings.catch_s, "forward": timings.forward_s, "decision": timings.visit_s,
                  "total": total},
+        expert_tokens={k: v[0] for k, v in experts.items()} if needs else {},
+        expert_sparsity={k: v[1] / max(1, v[2]) for k, v in experts.items()},
     )
     for index in range(len(blocks)):
         block_counts = [v for k, v in zeros.items() if k.startswith(f"{prefix}.{index}.")]
@@ -100,7 +116,8 @@ def _check_finite_weights(model: nn.Module) -> None:
 
 
 def _check_widths(blocks: nn.ModuleList, m: int) -> None:
-    for linear in block_linears(blocks[0]):
+    expert_maps = [expert_map for experts in block_experts(blocks[0]) for expert_map in experts.maps(0)]
+    for linear in block_linears(blocks[0]) + expert_maps:
         if linear.in_features % m:
             raise ConfigError(f"N:M pattern needs every input width divisible by {m}; "
                              f"{linear.name} has {linear.in_features} inputs")
