@@ -54,7 +54,7 @@ from torch import nn
 from .errors import ModelError
 from .io.dtypes import TORCH_DTYPES, torch_dtype
 from .io.safetensors import Checkpoint
-from .models import block_prefix, decoder_blocks
+from .models import TensorSource, block_fused_parameters, block_prefix, checkpoint_sources, decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -293,16 +293,49 @@ class StreamedModel:
             self.model.generation_config = GenerationConfig.from_pretrained(self.path)
         self.blocks = decoder_blocks(self.model)
         self.prefix = block_prefix(self.model)
-        missing = [name for index in range(len(self.blocks)) for name in self.block_names(index)
-                   if not self.checkpoint.has(name)]
-        missing += [name for name in self._outside_model_names() if not self.checkpoint.has(name)]
+        names = set(self.checkpoint.names())
+        self.sources: list[dict[str, TensorSource]] = []
+        self.stacked: set[str] = set()  # fused expert parameters stored one expert at a time
+        missing = [name for name in self._outside_model_names() if name not in names]
+        for index, block in enumerate(self.blocks):
+            fused = block_fused_parameters(block, f"{self.prefix}.{index}")
+            sources = checkpoint_sources(f"{self.prefix}.{index}", self.block_names(index), fused, names)
+            self.stacked.update(n for n in fused if n in sources and sources[n] != ((n,),))
+            missing += [name for name in self.block_names(index) if name not in sources]
+            self.sources.append(sources)
         if missing:
-            raise ModelError(f"{self.path}: low-memory mode reads tensors by the model's own names, and the "
-                             f"checkpoint lacks {missing[:2]} (re-save it with save_pretrained)")
+            raise ModelError(f"{self.path}: low-memory mode reads tensors by the model's own names (or fused "
+                             f"experts from their per-expert tensors), and the checkpoint lacks {missing[:2]} "
+                             f"(re-save it with save_pretrained)")
 
     def block_names(self, index: int) -> list[str]:
         """Full tensor names of block ``index``, in the block's own order."""
         return [f"{self.prefix}.{index}.{name}" for name in self.blocks[index].state_dict()]
+
+    def checkpoint_names(self, index: int) -> list[str]:
+        """The checkpoint's names of block ``index``'s tensors, in the block's order (a fused expert
+        parameter stored per expert: each expert's tensors)."""
+        return [part for name in self.block_names(index) for parts in self.sources[index][name] for part in parts]
+
+    def read_block_tensor(self, index: int, name: str, tensor_fn: TensorFn | None = None) -> torch.Tensor:
+        """Tensor ``name`` (a full module name) of block ``index``; a fused expert parameter stored one expert
+        at a time is assembled (each expert's parts concatenated, the experts stacked)."""
+        source = self.sources[index][name]
+        if name not in self.stacked:
+            return self.read(source[0][0], tensor_fn)
+        return torch.stack([torch.cat([self.read(part, tensor_fn) for part in parts]) for parts in source])
+
+    def checkpoint_tensors(self, index: int, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensor ``name`` under the checkpoint's names: a fused expert parameter stored per
+        expert is split back into them (the inverse of :meth:`read_block_tensor`)."""
+        source = self.sources[index][name]
+        if name not in self.stacked:
+            return {source[0][0]: tensor}
+        out = {}
+        for expert, parts in enumerate(source):
+            rows = [self.checkpoint.shape(part)[0] for part in parts]
+            out.update(zip(parts, tensor[expert].split(rows)))
+        return out
 
     def outside_names(self) -> list[str]:
         """Tensors outside the blocks that the layers before the first block may use.
@@ -334,7 +367,7 @@ class StreamedModel:
         dropped, as ``save_pretrained`` would."""
         inside = f"{self.prefix}."
         copied = [n for n in self.checkpoint.names() if not n.startswith(inside)]
-        block_names = [n for index in range(len(self.blocks)) for n in self.block_names(index)]
+        block_names = [n for index in range(len(self.blocks)) for n in self.checkpoint_names(index)]
         dropped = [n for n in self.checkpoint.names() if n.startswith(inside) and n not in set(block_names)]
         if dropped:
             log.info("%d block tensors of the checkpoint are not in the model and are not written (e.g. %s)",
@@ -370,11 +403,14 @@ class StreamedBlocks(ResidentBlocks):
 
     def load(self, index: int, block: nn.Module) -> None:
         for name, full in zip(block.state_dict(), self.streamed.block_names(index)):
-            _set(block, name, self.device, self.streamed.read(full, self.tensor_fn))
+            _set(block, name, self.device, self.streamed.read_block_tensor(index, full, self.tensor_fn))
 
     def unload(self, index: int, block: nn.Module) -> None:
         state = block.state_dict()
         if self.after_block is not None:
-            self.after_block(index, dict(zip(self.streamed.block_names(index), state.values())))
+            out = {}
+            for full, tensor in zip(self.streamed.block_names(index), state.values()):
+                out.update(self.streamed.checkpoint_tensors(index, full, tensor))
+            self.after_block(index, out)
         for name in state:
             _set(block, name, "meta")

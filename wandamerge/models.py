@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +217,59 @@ def block_experts(block: nn.Module) -> list[FusedExperts]:
 def is_router(name: str) -> bool:
     """Whether a linear map named ``name`` inside an MoE block routes tokens to experts (:data:`ROUTER_NAMES`)."""
     return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
+# ----------------------------------------------------------------------------- fused experts in checkpoints
+
+# the per-expert checkpoint tensors of a fused expert parameter, by the names families write (concatenated
+# along the output axis in this order: gate, then up): Qwen/OLMoE/DeepSeek style, then Mixtral's
+EXPERT_PROJECTIONS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "up_proj": (("up_proj",), ("w1",)),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+_PER_EXPERT = re.compile(r"^(?P<container>(?:.+\.)?)experts\.(?P<expert>\d+)\.\w+\.weight$")
+
+# one tensor of a block in a checkpoint: per expert (one tuple for a plain tensor), the checkpoint tensors
+# concatenated along dim 0; a fused parameter stacks the experts' along a new dim 0
+TensorSource = tuple[tuple[str, ...], ...]
+
+
+def checkpoint_sources(block: str, module_names: list[str], fused: dict[str, int],
+                       names: Collection[str]) -> dict[str, TensorSource]:
+    """Where the tensors of one block (full module names, under ``block``, e.g. ``model.layers.3``) are in a
+    checkpoint holding ``names``: under the same name; a fused expert parameter (``fused``: full name ->
+    number of experts) as the per-expert tensors ``save_pretrained`` writes for most families
+    (:data:`EXPERT_PROJECTIONS`); and, where the checkpoint's MoE module has another name (Mixtral's
+    ``block_sparse_moe`` for transformers 5's ``mlp``), the block's other tensors under that name.
+    Tensors found nowhere are left out (the caller names them)."""
+    sources = {name: ((name,),) for name in module_names if name in names}
+    containers = {m["container"] for n in names if n.startswith(f"{block}.")
+                  and (m := _PER_EXPERT.match(n[len(block) + 1:]))}
+    renames: dict[str, str] = {}
+    for name, experts in fused.items():
+        if name in sources or len(containers) != 1:
+            continue
+        container = next(iter(containers))
+        for projections in EXPERT_PROJECTIONS.get(name.rsplit(".", 1)[-1], ()):
+            per_expert = tuple(tuple(f"{block}.{container}experts.{e}.{p}.weight" for p in projections)
+                               for e in range(experts))
+            if all(part in names for parts in per_expert for part in parts):
+                sources[name] = per_expert
+                module_container = name[len(block) + 1:].rsplit("experts.", 1)[0]
+                renames[f"{block}.{module_container}"] = f"{block}.{container}"
+    for name in module_names:
+        for old, new in renames.items():
+            if name not in sources and name.startswith(old) and new + name[len(old):] in names:
+                sources[name] = ((new + name[len(old):],),)
+    return sources
+
+
+def block_fused_parameters(block: nn.Module, prefix: str) -> dict[str, int]:
+    """Full name -> number of experts, of the fused expert parameters of ``block`` (named under ``prefix``)."""
+    return {f"{prefix}.{experts.name}.{param}": experts.num_experts
+            for experts in block_experts(block)
+            for param, value in experts.module.named_parameters(recurse=False) if value.ndim >= 2}
 
 
 def supported_architectures() -> str:
