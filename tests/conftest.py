@@ -39,6 +39,7 @@ def tiny_config(arch: str):
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox"]
 MOE_ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe"]
+MORE_MOE_ARCHS = ["deepseek_v3", "glm4_moe", "dots1", "phimoe", "minimax", "granitemoe", "hunyuan_v1_moe"]
 
 
 def tiny_moe_config(arch: str, experts: int = 4):
@@ -60,6 +61,14 @@ def tiny_moe_config(arch: str, experts: int = 4):
                               **common)
     if arch == "olmoe":
         return OlmoeConfig(num_experts=experts, **common)
+    if arch in MORE_MOE_ARCHS:  # the other fused-expert families, through AutoConfig (each reads its own keys)
+        from transformers import AutoConfig
+
+        common.update(num_key_value_heads=4, head_dim=8, moe_intermediate_size=16, num_experts=experts,
+                      num_local_experts=experts, n_routed_experts=experts, first_k_dense_replace=0, n_group=1,
+                      topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                      v_head_dim=8, n_shared_experts=1)
+        return AutoConfig.for_model(arch, **common)
     raise KeyError(arch)
 
 

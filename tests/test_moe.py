@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import MOE_ARCHS, VOCAB, tiny_moe_model, word_tokenizer
+from conftest import MORE_MOE_ARCHS, MOE_ARCHS, VOCAB, tiny_moe_model, word_tokenizer
 from wandamerge.core.sparsegpt import sparsegpt_prune
 from wandamerge.models import block_experts, block_linears, decoder_blocks
 from wandamerge.pruning import prune
@@ -206,3 +206,57 @@ def test_low_memory_prune_equals_in_memory(arch, tmp_path):
     for name in in_memory:
         assert torch.equal(streamed[name], in_memory[name]), name
     AutoModelForCausalLM.from_pretrained(tmp_path / "low")
+
+
+def routed_inputs(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden states, top-k expert indices) each block's experts module is called with, from one plain
+    forward: the model's own routing, whatever its router does (grouped top-k, score-correction biases)."""
+    from wandamerge.runner import experts_call
+
+    seen, handles = [], []
+    for block in decoder_blocks(model):
+        for experts in block_experts(block):
+            def hook(module, args, kwargs):
+                hidden, index = experts_call(args, kwargs)
+                seen.append((hidden.double(), index))
+            handles.append(experts.module.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", MORE_MOE_ARCHS)
+def test_more_families_prune_per_expert_and_reload(arch, tmp_path):
+    """The other fused-expert families: each expert's up map keeps what Wanda keeps on the tokens the model's
+    own router sends it; routers (Hunyuan's mlp.gate.wg too) are untouched; the saved model reloads in plain
+    transformers with identical logits and streams block by block to the same tensors."""
+    from conftest import tensors
+    from wandamerge.jobs.prune import prune_to_directory
+
+    original = tiny_moe_model(arch)
+    source = tmp_path / "src"
+    original.save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
+    ids = windows()
+    model = copy.deepcopy(original)
+    prune(model, ids, method="wanda", sparsity=0.5, progress=False)
+    for (x, top), block, block0 in zip(routed_inputs(model, ids), decoder_blocks(model), decoder_blocks(original)):
+        experts, experts0 = block_experts(block)[0], block_experts(block0)[0]
+        for e in range(experts.num_experts):
+            up, up0 = experts.maps(e)[0].weight.double(), experts0.maps(e)[0].weight.double()
+            assert torch.equal(up != 0, wanda_keep(up0, x[(top == e).any(-1)], 0.5)), (arch, e)
+        kept = {n: p for n, p in block0.named_parameters() if any(r in n.split(".") for r in ("gate", "router"))
+                and "experts" not in n}
+        assert kept and all(torch.equal(dict(block.named_parameters())[n], p) for n, p in kept.items())
+    torch.save(ids, tmp_path / "calib.pt")
+    settings = dict(calib=str(tmp_path / "calib.pt"), nsamples=4, seqlen=24, sparsity=0.5, progress=False)
+    prune_to_directory(str(source), tmp_path / "mem", low_memory=False, **settings)
+    prune_to_directory(str(source), tmp_path / "low", low_memory=True, **settings)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    streamed, in_memory = tensors(tmp_path / "low"), tensors(tmp_path / "mem")
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[n], in_memory[n]) for n in in_memory)

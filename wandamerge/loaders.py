@@ -54,7 +54,7 @@ from torch import nn
 from .errors import ModelError
 from .io.dtypes import TORCH_DTYPES, torch_dtype
 from .io.safetensors import Checkpoint
-from .models import TensorSource, block_fused_parameters, block_prefix, checkpoint_sources, decoder_blocks
+from .models import CheckpointNames, TensorSource, block_fused_parameters, block_prefix, decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +293,13 @@ class StreamedModel:
             self.model.generation_config = GenerationConfig.from_pretrained(self.path)
         self.blocks = decoder_blocks(self.model)
         self.prefix = block_prefix(self.model)
-        names = set(self.checkpoint.names())
-        self.sources: list[dict[str, TensorSource]] = []
-        self.stacked: set[str] = set()  # fused expert parameters stored one expert at a time
+        names, saved = set(self.checkpoint.names()), CheckpointNames(self.model)
+        self.sources: list[dict[str, TensorSource]] = []  # per block: module name -> where it is saved
         missing = [name for name in self._outside_model_names() if name not in names]
         for index, block in enumerate(self.blocks):
             fused = block_fused_parameters(block, f"{self.prefix}.{index}")
-            sources = checkpoint_sources(f"{self.prefix}.{index}", self.block_names(index), fused, names)
-            self.stacked.update(n for n in fused if n in sources and sources[n] != ((n,),))
-            missing += [name for name in self.block_names(index) if name not in sources]
+            sources = {name: saved.source(name, fused.get(name)) for name in self.block_names(index)}
+            missing += [part for source in sources.values() for part in source.names if part not in names]
             self.sources.append(sources)
         if missing:
             raise ModelError(f"{self.path}: low-memory mode reads tensors by the model's own names (or fused "
@@ -315,24 +313,24 @@ class StreamedModel:
     def checkpoint_names(self, index: int) -> list[str]:
         """The checkpoint's names of block ``index``'s tensors, in the block's order (a fused expert
         parameter stored per expert: each expert's tensors)."""
-        return [part for name in self.block_names(index) for parts in self.sources[index][name] for part in parts]
+        return [part for name in self.block_names(index) for part in self.sources[index][name].names]
 
     def read_block_tensor(self, index: int, name: str, tensor_fn: TensorFn | None = None) -> torch.Tensor:
         """Tensor ``name`` (a full module name) of block ``index``; a fused expert parameter stored one expert
         at a time is assembled (each expert's parts concatenated, the experts stacked)."""
         source = self.sources[index][name]
-        if name not in self.stacked:
-            return self.read(source[0][0], tensor_fn)
-        return torch.stack([torch.cat([self.read(part, tensor_fn) for part in parts]) for parts in source])
+        if not source.stacked:
+            return self.read(source.parts[0][0], tensor_fn)
+        return torch.stack([torch.cat([self.read(part, tensor_fn) for part in parts]) for parts in source.parts])
 
     def checkpoint_tensors(self, index: int, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Block ``index``'s tensor ``name`` under the checkpoint's names: a fused expert parameter stored per
         expert is split back into them (the inverse of :meth:`read_block_tensor`)."""
         source = self.sources[index][name]
-        if name not in self.stacked:
-            return {source[0][0]: tensor}
+        if not source.stacked:
+            return {source.parts[0][0]: tensor}
         out = {}
-        for expert, parts in enumerate(source):
+        for expert, parts in enumerate(source.parts):
             rows = [self.checkpoint.shape(part)[0] for part in parts]
             out.update(zip(parts, tensor[expert].split(rows)))
         return out

@@ -14,8 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +54,13 @@ MOE_BLOCK_PATHS: dict[str, str] = {
     "qwen3_moe": "model.layers",
     "olmoe": "model.layers",
     "gpt_oss": "model.layers",
+    "deepseek_v3": "model.layers",
+    "glm4_moe": "model.layers",
+    "dots1": "model.layers",
+    "phimoe": "model.layers",
+    "minimax": "model.layers",
+    "granitemoe": "model.layers",
+    "hunyuan_v1_moe": "model.layers",
 }
 BLOCK_PATHS.update(MOE_BLOCK_PATHS)
 # the names of the linear maps inside an MoE block that route tokens (Qwen2-MoE's shared-expert gate is an
@@ -215,54 +220,78 @@ def block_experts(block: nn.Module) -> list[FusedExperts]:
 
 
 def is_router(name: str) -> bool:
-    """Whether a linear map named ``name`` inside an MoE block routes tokens to experts (:data:`ROUTER_NAMES`)."""
-    return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+    """Whether a linear map named ``name`` inside an MoE block routes tokens to experts: it or a module
+    holding it is named in :data:`ROUTER_NAMES` (Hunyuan's router is ``mlp.gate.wg``)."""
+    return any(part in ROUTER_NAMES for part in name.split("."))
 
 
 # ----------------------------------------------------------------------------- fused experts in checkpoints
 
-# the per-expert checkpoint tensors of a fused expert parameter, by the names families write (concatenated
-# along the output axis in this order: gate, then up): Qwen/OLMoE/DeepSeek style, then Mixtral's
-EXPERT_PROJECTIONS = {
-    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
-    "up_proj": (("up_proj",), ("w1",)),
-    "down_proj": (("down_proj",), ("w2",)),
-}
-_PER_EXPERT = re.compile(r"^(?P<container>(?:.+\.)?)experts\.(?P<expert>\d+)\.\w+\.weight$")
 
-# one tensor of a block in a checkpoint: per expert (one tuple for a plain tensor), the checkpoint tensors
-# concatenated along dim 0; a fused parameter stacks the experts' along a new dim 0
-TensorSource = tuple[tuple[str, ...], ...]
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one tensor of the model sits in a checkpoint ``save_pretrained`` wrote: one tensor (the same name,
+    or renamed), or, for a fused expert parameter the family saves per expert (``stacked``), per expert the
+    checkpoint tensors concatenated along dim 0 (gate, then up), the experts stacked along a new dim 0."""
+
+    parts: tuple[tuple[str, ...], ...]
+    stacked: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return [name for expert in self.parts for name in expert]
 
 
-def checkpoint_sources(block: str, module_names: list[str], fused: dict[str, int],
-                       names: Collection[str]) -> dict[str, TensorSource]:
-    """Where the tensors of one block (full module names, under ``block``, e.g. ``model.layers.3``) are in a
-    checkpoint holding ``names``: under the same name; a fused expert parameter (``fused``: full name ->
-    number of experts) as the per-expert tensors ``save_pretrained`` writes for most families
-    (:data:`EXPERT_PROJECTIONS`); and, where the checkpoint's MoE module has another name (Mixtral's
-    ``block_sparse_moe`` for transformers 5's ``mlp``), the block's other tensors under that name.
-    Tensors found nowhere are left out (the caller names them)."""
-    sources = {name: ((name,),) for name in module_names if name in names}
-    containers = {m["container"] for n in names if n.startswith(f"{block}.")
-                  and (m := _PER_EXPERT.match(n[len(block) + 1:]))}
-    renames: dict[str, str] = {}
-    for name, experts in fused.items():
-        if name in sources or len(containers) != 1:
-            continue
-        container = next(iter(containers))
-        for projections in EXPERT_PROJECTIONS.get(name.rsplit(".", 1)[-1], ()):
-            per_expert = tuple(tuple(f"{block}.{container}experts.{e}.{p}.weight" for p in projections)
-                               for e in range(experts))
-            if all(part in names for parts in per_expert for part in parts):
-                sources[name] = per_expert
-                module_container = name[len(block) + 1:].rsplit("experts.", 1)[0]
-                renames[f"{block}.{module_container}"] = f"{block}.{container}"
-    for name in module_names:
-        for old, new in renames.items():
-            if name not in sources and name.startswith(old) and new + name[len(old):] in names:
-                sources[name] = ((new + name[len(old):],),)
-    return sources
+class CheckpointNames:
+    """The names ``save_pretrained`` gives a model's tensors: transformers' own conversion mapping for the
+    family, reversed as ``save_pretrained`` reverses it (modules renamed, e.g. Mixtral's ``mlp`` saved as
+    ``block_sparse_moe``; fused experts split into per-expert tensors), so that checkpoints are read and
+    written in transformers' layout without a table of our own. The identity where transformers has none."""
+
+    def __init__(self, model: nn.Module):
+        self.renamings, self.converters = _reversed_conversions(model)
+
+    def source(self, name: str, experts: int | None = None) -> TensorSource:
+        """Where tensor ``name`` (a full module name) is saved; ``experts``: its number of experts, for a
+        fused expert parameter."""
+        from transformers.core_model_loading import apply_renamings
+
+        for converter in self.converters:
+            renamed, pattern = converter.rename_source_key(name)
+            if pattern is None:
+                continue
+            if experts is None or not _splits_experts(converter):
+                raise ModelError(f"{name}: transformers saves it through {_describe(converter)}, which this "
+                                 f"package does not read; load the model in memory instead")
+            first = converter.target_patterns[0]
+            targets = [apply_renamings(renamed.replace(first, t), self.renamings) for t in converter.target_patterns]
+            return TensorSource(tuple(tuple(t.replace("*", str(e)) for t in targets) for e in range(experts)), True)
+        return TensorSource(((apply_renamings(name, self.renamings) if self.renamings else name,),))
+
+
+def _reversed_conversions(model: nn.Module) -> tuple[list, list]:
+    """(renamings, converters) of ``save_pretrained`` for ``model``: none on a transformers without them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+    except ImportError:  # pragma: no cover - a transformers before 5
+        return [], []
+    forward = [c for c in get_model_conversion_mapping(model, add_legacy=False) or []
+               if not isinstance(c, PrefixChange)]
+    reverse = [c.reverse_transform() for c in forward[::-1]]
+    return ([c for c in reverse if isinstance(c, WeightRenaming)],
+            [c for c in reverse if isinstance(c, WeightConverter)])
+
+
+def _splits_experts(converter) -> bool:
+    """Whether a reversed converter only splits experts apart (and their gate from their up map)."""
+    kinds = [type(op).__name__ for op in converter.operations]
+    return kinds in (["SplitModulelist"], ["Chunk", "SplitModulelist"]) and all(
+        getattr(op, "dim", 0) == (1 if kind == "Chunk" else 0) for op, kind in zip(converter.operations, kinds))
+
+
+def _describe(converter) -> str:
+    return f"{[type(op).__name__ for op in converter.operations]} into {converter.target_patterns}"
 
 
 def block_fused_parameters(block: nn.Module, prefix: str) -> dict[str, int]:
