@@ -63,6 +63,9 @@ MOE_BLOCK_PATHS: dict[str, str] = {
     "hunyuan_v1_moe": "model.layers",
 }
 BLOCK_PATHS.update(MOE_BLOCK_PATHS)
+# config.json keys for the number of experts of every MoE layer (Mixtral, gpt-oss and transformers 5's
+# Qwen3-MoE: num_local_experts; OLMoE, Qwen2-MoE: num_experts); the first one a config holds is the one it uses
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
 # the names of the linear maps inside an MoE block that route tokens (Qwen2-MoE's shared-expert gate is an
 # nn.Linear; the routers of transformers 5 are their own modules, not linear maps): never pruned
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -217,6 +220,54 @@ def block_experts(block: nn.Module) -> list[FusedExperts]:
             raise ModelError(f"{type(experts.module).__name__}: expert-parallel models are not supported; load "
                              f"the model on one device")
     return found
+
+
+@dataclass
+class MoeLayer:
+    """The part of a decoder block that routes each token to its experts and sums their outputs (``mlp`` in
+    every supported family): the names inside it of its router (a module whose ``weight``, and ``bias`` where
+    it has one, hold one row per expert) and of its fused experts; anything else it holds (Qwen2-MoE's shared
+    expert and its gate) is not per expert."""
+
+    name: str  # inside the block, e.g. "mlp"
+    module: nn.Module
+    router: str  # inside ``module``, e.g. "gate"
+    experts: FusedExperts
+
+    def per_expert_tensors(self) -> list[str]:
+        """The names, in ``module.state_dict()``, of the tensors with one entry per expert along dim 0."""
+        inner = self.experts.name[len(self.name) + 1:] if self.name else self.experts.name
+        return [key for key in self.module.state_dict()
+                if key.startswith((f"{inner}.", f"{self.router}."))]
+
+
+def block_moe(block: nn.Module) -> MoeLayer | None:
+    """The mixture of experts of one block (None in a dense block): the module holding the fused experts
+    (:func:`block_experts`) and the router beside them (:data:`ROUTER_NAMES`, the one with a row per expert)."""
+    found = block_experts(block)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ModelError(f"{type(block).__name__} holds {len(found)} sets of fused experts; one per block is "
+                         f"supported")
+    experts = found[0]
+    parent = experts.name.rpartition(".")[0]
+    module = block.get_submodule(parent) if parent else block
+    routers = [name for name, child in module.named_children() if name in ROUTER_NAMES
+               and getattr(getattr(child, "weight", None), "shape", (None,))[0] == experts.num_experts]
+    if len(routers) != 1:
+        raise ModelError(f"{type(module).__name__}: found no single router ({' or '.join(ROUTER_NAMES)} with "
+                         f"one row per expert) beside its {experts.num_experts} experts")
+    return MoeLayer(parent, module, routers[0], experts)
+
+
+def expert_count_key(config) -> str:
+    """The key of ``config`` (a transformers config) that holds the number of experts of every MoE layer."""
+    values = config.to_dict()
+    for key in EXPERT_COUNT_KEYS:
+        if isinstance(values.get(key), int):
+            return key
+    raise ModelError(f"{type(config).__name__} names no number of experts ({' or '.join(EXPERT_COUNT_KEYS)})")
 
 
 def is_router(name: str) -> bool:
