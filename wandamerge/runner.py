@@ -182,7 +182,8 @@ def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, loader: Bl
     return caught
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+    """The hidden states ``block`` gives for one batch of its inputs (a step that measures a block runs it so)."""
     out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -334,7 +335,7 @@ def _sequential_block(index, block, maps: BlockMaps, inputs, visit, needs, timin
     handles += [e.module.register_forward_pre_hook(make_experts_hook(e), with_kwargs=True) for e in maps.experts]
     try:
         t0 = time.perf_counter()
-        outputs = [_run_block(block, batch) for batch in inputs]
+        outputs = [run_block(block, batch) for batch in inputs]
         _sync(device)
         timings.forward_s += time.perf_counter() - t0
     finally:
@@ -379,7 +380,7 @@ def block_input_stats(block: nn.Module, linears: list[LinearMap], inputs: list[B
     handles += [e.module.register_forward_pre_hook(make_experts_hook(e), with_kwargs=True) for e in experts]
     try:
         for batch in inputs:
-            _run_block(block, batch)
+            run_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -405,7 +406,7 @@ def _parallel_block(index, block, maps: BlockMaps, inputs, visit, needs, timings
         visit(index, linear, totals[linear.name])
     _sync(device)
     t2 = time.perf_counter()
-    outputs = [_run_block(block, batch) for batch in inputs]
+    outputs = [run_block(block, batch) for batch in inputs]
     _sync(device)
     timings.forward_s += (t1 - t0) + (time.perf_counter() - t2)
     timings.visit_s += t2 - t1
@@ -434,5 +435,5 @@ def multistream_pass(model: nn.Module, streams: list[torch.Tensor], step: Stream
             step(index, block, inputs)
             for stream in inputs:
                 for batch in stream:
-                    batch.hidden = _run_block(block, batch)
+                    batch.hidden = run_block(block, batch)
             loader.unload(index, block)

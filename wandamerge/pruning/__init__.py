@@ -1,4 +1,5 @@
-"""Pruning a model in place: every linear map of its decoder blocks, by a registered method, through the runner."""
+"""Pruning a model in place: every linear map of its decoder blocks, by a registered method, through the runner;
+or whole experts of a mixture-of-experts model (:func:`prune_experts`, :mod:`.experts`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from ..errors import ConfigError, ModelError
 from ..loaders import BlockLoader
 from ..models import ExpertMap, LinearMap, block_experts, block_linears, block_prefix, decoder_blocks
 from ..runner import InputStats, blockwise_pass
+from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunable_moe_layers, prune_experts,
+                      register_expert_score)
 from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRUNE_METHODS", "PruneReport", "PruneTarget", "get_prune_method", "keep_mask", "prune", "prune_weight",
-           "register_prune_method"]
+__all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "get_expert_score",
+           "get_prune_method", "keep_mask", "prunable_moe_layers", "prune", "prune_experts", "prune_weight",
+           "register_expert_score", "register_prune_method"]
 
 
 @dataclass
