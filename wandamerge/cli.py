@@ -106,16 +106,13 @@ def main(debug: bool, quiet: bool) -> None:
 @friendly_errors
 def prune_command(model, out, overwrite, **settings):
     """Prune MODEL (a directory, a .gguf file, a hub id, or 'smollm2')."""
-    from .jobs.prune import run_prune
+    from .jobs.prune import run_prune, summary
 
     config = PruneConfig.of("wandamerge prune", model=model, **given(settings))
     if not out and not config.eval_ppl:
         raise UsageProblem("nothing to do: give --out to save the pruned model and/or --eval-ppl to measure it")
     record = run_prune(config, out, overwrite=overwrite, progress=not quiet())
-    summary = {"overall_sparsity": round(record["sparsity"]["overall"], 4),
-               "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
-               "seconds": record["seconds"], "out": out}
-    click.echo(json.dumps(summary, indent=2))
+    click.echo(json.dumps({**summary(record), "out": out}, indent=2))
 
 
 # mergekit-yaml's flags that change nothing here, and what wandamerge does instead (one line each, when given)

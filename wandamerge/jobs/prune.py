@@ -3,6 +3,11 @@
 :class:`PruneConfig` declares every setting once: the command line builds its
 options from it, a run recipe's ``prune:`` section is one, and the Python API
 (:func:`prune_to_directory`) fills one from its keyword arguments.
+
+What goes is the config's ``structure``: ``none`` zeroes weights inside the
+linear maps (``method``, ``sparsity`` or ``pattern``), ``experts`` drops whole
+experts of a mixture-of-experts model (``experts_kept`` in every layer, chosen
+by ``expert_score``), which makes the saved model smaller.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,11 +32,16 @@ from ..io.safetensors import DEFAULT_SHARD_SIZE, ShardWriter
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, should_stream
 from ..models import load_model, load_tokenizer, parse_device_map, resolve_model
-from ..pruning import PRUNE_METHODS, PruneReport, PruneTarget, get_prune_method, prune
+from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, ExpertPruneReport, PruneReport, PruneTarget, get_prune_method,
+                       prunable_moe_layers, prune, prune_experts)
 from ..recipe import expand_home, validated
 from ..runner import WITHIN_BLOCK_ORDERS
 
 log = logging.getLogger(__name__)
+
+STRUCTURES = ("none", "experts")  # what a prune removes: weights inside the linear maps, or whole experts
+WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "within_block", "calibrate_all_experts")
+EXPERT_SETTINGS = ("experts_kept", "expert_score")
 
 
 class PruneConfig(BaseModel):
@@ -48,6 +59,13 @@ class PruneConfig(BaseModel):
     calibrate_all_experts: bool = Field(False, description="MoE models: every expert's statistics from every "
                                                            "calibration token, not only the tokens routed to it "
                                                            "(the block's outputs still follow the router).")
+    structure: Literal[STRUCTURES] = Field("none", description="What goes: none (weights inside the linear maps, "
+                                                               "by --method) or experts (whole experts of a "
+                                                               "mixture-of-experts model: --experts-kept).")
+    experts_kept: Union[int, None] = Field(None, description="--structure experts: experts kept in every MoE "
+                                                             "layer (at least the experts per token).")
+    expert_score: str = Field("reap", description=f"--structure experts: what experts are kept by: "
+                                                  f"{', '.join(sorted(EXPERT_SCORES))}.")
     calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
                                            "TOKENS.npy")
     nsamples: int = Field(128, description="Calibration windows.")
@@ -81,7 +99,7 @@ class PruneConfig(BaseModel):
     def valid_sparsity(cls, value):
         return check_sparsity(value)
 
-    @field_validator("nsamples", "seqlen", "batch_size")
+    @field_validator("nsamples", "seqlen", "batch_size", "experts_kept")
     @classmethod
     def positive(cls, value, info):
         if value is not None and value <= 0:
@@ -104,10 +122,30 @@ class PruneConfig(BaseModel):
     def consistent(self):
         if self.method not in PRUNE_METHODS:
             raise ValueError(f"unknown prune method {self.method!r}{did_you_mean(self.method, PRUNE_METHODS)}")
+        if self.expert_score not in EXPERT_SCORES:
+            raise ValueError(f"unknown expert score {self.expert_score!r}"
+                             f"{did_you_mean(self.expert_score, EXPERT_SCORES)}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
         self.target()
+        self._check_structure()
         return self
+
+    def _check_structure(self) -> None:
+        """Settings given for the other structure are refused, not silently ignored."""
+        given = self.model_fields_set
+        if self.structure != "experts":
+            if extra := [name for name in EXPERT_SETTINGS if name in given]:
+                raise ValueError(f"only structure 'experts' uses {' and '.join(extra)}")
+            return
+        if self.experts_kept is None:
+            raise ValueError("structure 'experts' needs experts_kept: the experts kept in every MoE layer")
+        if clash := [name for name in WEIGHT_SETTINGS if name in given]:
+            raise ValueError(f"structure 'experts' drops whole experts and prunes no weights; leave out "
+                             f"{', '.join(clash)}")
+        if self.low_memory or self.device_map is not None:
+            raise ValueError("structure 'experts' rebuilds the model's MoE modules in memory; leave out "
+                             "low_memory and device_map")
 
     def target(self) -> PruneTarget:
         """What to prune and in what shape (checked)."""
@@ -147,9 +185,10 @@ def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = 
             lm, tokenizer = load_model(source, dtype=config.dtype, device_map=config.device_map,
                                        offload_folder=config.offload_folder)
     seqlen = window_length(lm.config, config.seqlen)
-    target = config.target()
+    step = STEPS[config.structure]
+    step.check(config, lm)
     calibration = None
-    if get_prune_method(config.method).needs_for(target):
+    if step.calibrates(config):
         with clock.stage("calibration_data"):
             calibration = calibration_windows(config.calib, tokenizer, config.nsamples, seqlen, seed=config.seed,
                                               vocab_size=lm.config.vocab_size)
@@ -158,10 +197,8 @@ def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = 
     with staged_output(out_path, overwrite) if out_path else nullcontext() as staged:
         writer = _start_streamed_output(streamed, staged, config) if streamed else None
         with clock.stage("prune"):
-            report = prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
-                           group=config.group, variant=config.variant, update=config.update, device=config.device,
-                           batch_size=config.batch_size, within_block=config.within_block, progress=progress,
-                           all_experts=config.calibrate_all_experts, loader=streamed.loader(config.device, after_block=writer.add_block) if streamed else None)
+            report = step.run(config, lm, calibration, progress,
+                              streamed.loader(config.device, after_block=writer.add_block) if streamed else None)
         evaluation.measure("pruned")
         record = _record(config, source, report, evaluation, low_memory)
         if staged is None:
@@ -170,6 +207,85 @@ def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = 
             _save(lm, tokenizer, staged, config, streamed, writer)
         _write_record(staged, _finish(record, clock, config.device))  # once, with the save's time
     return record
+
+
+def _method_calibrates(config: PruneConfig) -> bool:
+    return bool(get_prune_method(config.method).needs_for(config.target()))
+
+
+def _prune_weights(config: PruneConfig, lm, calibration, progress: bool, loader) -> PruneReport:
+    return prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
+                 group=config.group, variant=config.variant, update=config.update, device=config.device,
+                 batch_size=config.batch_size, within_block=config.within_block, progress=progress, loader=loader,
+                 all_experts=config.calibrate_all_experts)
+
+
+def _weights_record(config: PruneConfig, report: PruneReport) -> tuple[dict, dict]:
+    settings = {"sparsity": report.target["sparsity"] if not config.pattern else None,
+                "within_block": report.within_block}
+    results = {"sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
+                            "per_matrix": report.matrix_sparsity}}
+    if report.expert_sparsity:  # MoE: each expert's calibration tokens and sparsity
+        results["per_expert"] = {name: {"tokens": report.expert_tokens.get(name), "sparsity": sparsity}
+                                 for name, sparsity in report.expert_sparsity.items()}
+    return settings, results
+
+
+def _check_experts(config: PruneConfig, lm) -> None:
+    prunable_moe_layers(lm, config.experts_kept)
+
+
+def _drop_experts(config: PruneConfig, lm, calibration, progress: bool, loader) -> ExpertPruneReport:
+    """Experts are dropped from the model in memory (``loader`` is None: this structure does not stream)."""
+    return prune_experts(lm, calibration, keep=config.experts_kept, score=config.expert_score, device=config.device,
+                         batch_size=config.batch_size, progress=progress)
+
+
+def _experts_record(config: PruneConfig, report: ExpertPruneReport) -> tuple[dict, dict]:
+    experts = {"score": report.score, "kept": report.keep, "of": report.num_experts, "per_layer": report.layers}
+    return {}, {"experts": experts, "parameters": report.parameters}
+
+
+def _weights_card(record: dict) -> dict[str, str]:
+    s = record["settings"]
+    shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    return {"tag": "sparse", "title": f"pruned with {s['method']}",
+            "what": f"{shape}, decoder linear maps only (embeddings and LM head kept dense)",
+            "result": f"Overall sparsity of the decoder linear weights: {record['sparsity']['overall']:.4f}.",
+            "details": "per-matrix sparsity"}
+
+
+def _experts_card(record: dict) -> dict[str, str]:
+    experts, parameters = record["experts"], record["parameters"]
+    return {"tag": "moe", "title": f"with {experts['kept']} of {experts['of']} experts",
+            "what": f"the {experts['kept']} experts of every mixture-of-experts layer with the highest "
+                    f"{experts['score']} score kept, the others dropped",
+            "result": f"Parameters: {parameters['before']:,} before, {parameters['after']:,} after.",
+            "details": "per-layer list of kept experts, with every expert's score and calibration tokens,"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the job does for one ``structure``: whether it needs calibration windows, whether it may prune
+    block by block from the shards (low-memory mode), its checks of the loaded model (before any calibration
+    data or evaluation), the pruning itself (config, model, windows, progress, block loader -> report), and
+    its settings and results in the run record."""
+
+    calibrates: Callable[[PruneConfig], bool]
+    streams: bool
+    check: Callable[[PruneConfig, object], None]
+    run: Callable
+    record: Callable[[PruneConfig, object], "tuple[dict, dict]"]
+    unused: tuple[str, ...]  # settings of the other structures, left out of the record
+    card: Callable[[dict], "dict[str, str]"]  # the model card's words for a run record (:func:`model_card`)
+
+
+STEPS: dict[str, Step] = {  # one per structure (:data:`STRUCTURES`)
+    "none": Step(_method_calibrates, True, lambda config, lm: None, _prune_weights, _weights_record, EXPERT_SETTINGS,
+                 _weights_card),
+    "experts": Step(lambda config: True, False, _check_experts, _drop_experts, _experts_record, WEIGHT_SETTINGS,
+                    _experts_card),
+}
 
 
 def _finish(record: dict, clock: StageClock, device: str) -> dict:
@@ -219,8 +335,8 @@ def _low_memory(config: PruneConfig, source: str, out: Path | None) -> bool:
         if config.device_map is not None:
             raise ConfigError("choose either low-memory mode or a device map, not both")
         return True
-    return (config.low_memory is None and out is not None and not config.eval_ppl and config.device_map is None
-            and should_stream(source, config.dtype))
+    return (config.low_memory is None and STEPS[config.structure].streams and out is not None and not config.eval_ppl
+            and config.device_map is None and should_stream(source, config.dtype))
 
 
 class _StreamedOutput(ShardWriter):
@@ -262,39 +378,46 @@ def _write_record(out: Path, record: dict) -> None:
     (out / "README.md").write_text(model_card(record))
 
 
-def _record(config: PruneConfig, source: str, report: PruneReport, evaluation: _Evaluation,
+def _record(config: PruneConfig, source: str, report: PruneReport | ExpertPruneReport, evaluation: _Evaluation,
             low_memory: bool) -> dict:
-    settings = config.model_dump(exclude={"model", "max_shard_size"})
-    settings.update({"sparsity": report.target["sparsity"] if not config.pattern else None,
-                     "nsamples": report.nsamples, "seqlen": report.seqlen, "within_block": report.within_block,
+    step = STEPS[config.structure]
+    settings = config.model_dump(exclude={"model", "max_shard_size", *step.unused})
+    own_settings, results = step.record(config, report)
+    settings.update({**own_settings, "nsamples": report.nsamples, "seqlen": report.seqlen,
                      "eval_windows": None if evaluation.windows is None else int(evaluation.windows.shape[0]),
                      "low_memory": low_memory})
     return {
         "job": "prune", "model": config.model, "model_source": source, "settings": settings,
-        "versions": versions(), "perplexity": evaluation.ppl,
-        "sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
-                     "per_matrix": report.matrix_sparsity},
+        "versions": versions(), "perplexity": evaluation.ppl, **results,
         "prune_seconds": report.seconds, "notes": evaluation.notes,
-        **({"experts": {name: {"tokens": report.expert_tokens.get(name), "sparsity": sparsity}
-                        for name, sparsity in report.expert_sparsity.items()}} if report.expert_sparsity else {}),
     }
 
 
 def model_card(record: dict) -> str:
     s = record["settings"]
-    shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    card = STEPS[s.get("structure", "none")].card(record)
     lines = [
-        "---", "library_name: transformers", "tags: [wandamerge, pruned, sparse]", "---", "",
-        f"# {Path(str(record['model'])).name} pruned with {s['method']}", "",
-        f"Pruned by wandamerge {record['versions']['wandamerge']} from `{record['model']}`: "
-        f"{shape}, decoder linear maps only (embeddings and LM head kept dense).", "",
+        "---", "library_name: transformers", f"tags: [wandamerge, pruned, {card['tag']}]", "---", "",
+        f"# {Path(str(record['model'])).name} {card['title']}", "",
+        f"Pruned by wandamerge {record['versions']['wandamerge']} from `{record['model']}`: {card['what']}.", "",
         "| setting | value |", "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in s.items()]
-    lines += ["", f"Overall sparsity of the decoder linear weights: {record['sparsity']['overall']:.4f}.", ""]
+    lines += ["", card["result"], ""]
     if record["perplexity"]:
         lines += ["| perplexity | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in record["perplexity"].items()]
         lines.append("")
-    lines += ["Every setting, version, time and per-matrix sparsity is in `wandamerge.json`.", ""]
+    lines += [f"Every setting, version, time and {card['details']} is in `wandamerge.json`.", ""]
     return "\n".join(lines)
+
+
+def summary(record: dict) -> dict:
+    """The few numbers the command line prints of a prune's run record."""
+    if "experts" in record:
+        head = {"experts_kept": record["experts"]["kept"], "experts_of": record["experts"]["of"],
+                "parameters": record["parameters"]}
+    else:
+        head = {"overall_sparsity": round(record["sparsity"]["overall"], 4)}
+    return {**head, "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
+            "seconds": record["seconds"]}
