@@ -181,8 +181,8 @@ def test_saved_pruned_moe_reloads_with_identical_logits(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
     saved = json.loads((out / "wandamerge.json").read_text())
-    assert saved["experts"]["model.layers.1.mlp.experts.3"]["sparsity"] == pytest.approx(0.5)
-    assert sum(saved["experts"][f"model.layers.0.mlp.experts.{e}"]["tokens"] for e in range(4)) == 4 * 24 * 2
+    assert saved["per_expert"]["model.layers.1.mlp.experts.3"]["sparsity"] == pytest.approx(0.5)
+    assert sum(saved["per_expert"][f"model.layers.0.mlp.experts.{e}"]["tokens"] for e in range(4)) == 4 * 24 * 2
     assert record["sparsity"]["overall"] == pytest.approx(0.5)
 
 
