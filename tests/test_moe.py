@@ -217,7 +217,7 @@ def routed_inputs(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
     for block in decoder_blocks(model):
         for experts in block_experts(block):
             def hook(module, args, kwargs):
-                hidden, index = experts_call(args, kwargs)
+                hidden, index, _ = experts_call(module, args, kwargs)
                 seen.append((hidden.double(), index))
             handles.append(experts.module.register_forward_pre_hook(hook, with_kwargs=True))
     with torch.no_grad():

@@ -22,6 +22,7 @@ Two orders inside a block:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -99,16 +100,14 @@ def routed_to(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
     return (top_k_index == expert).any(-1)
 
 
-INDEX_ARGUMENTS = ("top_k_index", "router_indices")  # the experts' second argument, by family
-
-
-def experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states as (tokens, hidden), top-k expert indices as (tokens, k)) of a call of an experts module,
-    ``experts(hidden_states, top_k_index, top_k_weights)``."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    index = args[1] if len(args) > 1 else next(kwargs[k] for k in INDEX_ARGUMENTS if k in kwargs)
+def experts_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states as (tokens, hidden), top-k expert indices as (tokens, k), their routing weights) of a call
+    of an experts module, ``experts(hidden_states, top_k_index, top_k_weights)``, however passed (gpt-oss
+    names the last two ``router_indices`` and ``routing_weights``)."""
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
+    hidden, index, weights = list(bound.arguments.values())[:3]
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    return hidden, index.reshape(hidden.shape[0], -1)
+    return hidden, index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
 
 
 def expert_inputs(experts: FusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, all_experts: bool):
@@ -321,7 +320,7 @@ def _sequential_block(index, block, maps: BlockMaps, inputs, visit, needs, timin
             if experts.name in seen:
                 return
             seen.add(experts.name)
-            hidden, top_k_index = experts_call(args, kwargs)
+            hidden, top_k_index, _ = experts_call(module, args, kwargs)
             unseen = []
             for expert_map, x in expert_inputs(experts, hidden, top_k_index, maps.all_experts):
                 stats = input_stats(x, needs)
@@ -371,7 +370,7 @@ def block_input_stats(block: nn.Module, linears: list[LinearMap], inputs: list[B
 
     def make_experts_hook(fused: FusedExperts):
         def hook(module, args, kwargs):
-            hidden, top_k_index = experts_call(args, kwargs)
+            hidden, top_k_index, _ = experts_call(module, args, kwargs)
             for expert_map, x in expert_inputs(fused, hidden, top_k_index, all_experts):
                 totals[expert_map.name].add(input_stats(x, needs))
         return hook

@@ -15,7 +15,6 @@ score is one decorated function of a layer's :class:`ExpertStats`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ..core.experts import ExpertStats, expert_sums, frequency_score, kept_exper
 from ..errors import ConfigError, ModelError, lookup
 from ..loaders import BlockLoader, is_dispatched
 from ..models import MoeLayer, block_moe, decoder_blocks, expert_count_key
-from ..runner import BlockInputs, multistream_pass, run_block
+from ..runner import BlockInputs, experts_call, multistream_pass, run_block
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,6 @@ def frequency(stats: ExpertStats) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the calibration pass
 
 
-def routed_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(hidden_states, top_k_index, top_k_weights)`` of a call of a fused experts module, however passed
-    (gpt-oss names the last two ``router_indices`` and ``routing_weights``)."""
-    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
-    hidden, index, weights = list(bound.arguments.values())[:3]
-    return hidden, index, weights
-
-
 def routed_output_norms(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
     """``||f_e(x_t)||_2`` for every slot ``(t, j)`` of ``top_k_index`` (``e = top_k_index[t, j]``): the experts
     module itself run on the tokens routed to each expert, with that expert only and weight 1. It is called
@@ -100,7 +91,7 @@ def layer_expert_stats(block: nn.Module, moe: MoeLayer, inputs: list[BlockInputs
     stats = ExpertStats.zeros(experts.num_experts)
 
     def hook(module, args, kwargs):
-        hidden, index, weights = routed_call(module, args, kwargs)
+        hidden, index, weights = experts_call(module, args, kwargs)
         stats.add(expert_sums(index, weights, routed_output_norms(module, hidden, index), experts.num_experts))
 
     handle = experts.module.register_forward_pre_hook(hook, with_kwargs=True)
