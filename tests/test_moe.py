@@ -260,3 +260,26 @@ def test_more_families_prune_per_expert_and_reload(arch, tmp_path):
     streamed, in_memory = tensors(tmp_path / "low"), tensors(tmp_path / "mem")
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[n], in_memory[n]) for n in in_memory)
+
+
+def test_unsupported_moe_layouts_are_refused_in_one_line(tmp_path, monkeypatch):
+    """An MoE family outside the table is refused naming its model_type, before any weight is read; an
+    experts module with a norm after each expert (which the per-expert inputs would not reproduce) too."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wandamerge.cli import main
+    from wandamerge.errors import ModelError
+
+    folder = tmp_path / "next"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_next", "architectures": ["X"]}))
+    result = CliRunner().invoke(main, ["-q", "prune", str(folder), "--method", "magnitude", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "'qwen3_next'" in result.output and "unsupported architecture" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    model = tiny_moe_model("mixtral")
+    monkeypatch.setattr(decoder_blocks(model)[0].mlp.experts, "has_post_expert_norm", True, raising=False)
+    with pytest.raises(ModelError, match="MixtralExperts: experts with a norm after each expert"):
+        prune(model, windows(), method="wanda", progress=False)
