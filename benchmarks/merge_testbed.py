@@ -123,13 +123,15 @@ METHODS = [  # in the order they are run: the central comparison first
     # TIES' default, at the two densities of the comparison: the choice between them is made on validation
     Method("ties/wanda-task+gram", "ties", "wanda", data_free=False, calibration="task", per_density=True,
            merge_params={"rescale": "gram"}, grid_densities=(0.1, 0.2)),
+    Method("task_arithmetic/wanda-task+gram", "task_arithmetic", "wanda", data_free=False, calibration="task",
+           per_density=True, merge_params={"rescale": "gram"}, grid_densities=(0.1, 0.2)),
     Method("wudi/aim", "wudi", data_free=False, aim=0.4),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
 ]
 PER_DENSITY = (0.1, 0.2)
 # the per-density comparisons: (Wanda on task activations, magnitude) under the same method
 DENSITY_PAIRS = [("task_arithmetic/wanda-task", "task_arithmetic/magnitude"), ("ties/wanda-task", "ties"),
-                 ("ties/wanda-task+gram", "ties")]
+                 ("ties/wanda-task+gram", "ties"), ("task_arithmetic/wanda-task+gram", "task_arithmetic/magnitude")]
 
 
 def recipe_for(method: Method, density: float | None, seed: int, base: str, finetunes: dict[str, str],

@@ -173,7 +173,7 @@ def main() -> None:
     if args.only and previous.is_file():
         result["runs"] = {k: v for k, v in json.loads(previous.read_text())["runs"].items() if k not in args.only}
     common = ["prune", str(base), "--method", "wanda", "--sparsity", "0.5", "--calib", "wiki", "--nsamples",
-              str(NSAMPLES), "--seqlen", str(SEQLEN), "--dtype", "bfloat16", "--overwrite"]
+              str(NSAMPLES), "--seqlen", str(SEQLEN), "--dtype", "bfloat16", "--max-shard-size", "1GB", "--overwrite"]
     runs = {"prune-in-memory": [*common, "--no-low-memory", "-o", str(WORK / "pruned-memory")],
             "prune-low-memory": [*common, "--low-memory", "-o", str(WORK / "pruned-low")]}
     for name, cmd in runs.items():
