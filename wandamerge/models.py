@@ -352,6 +352,40 @@ def block_fused_parameters(block: nn.Module, prefix: str) -> dict[str, int]:
             for param, value in experts.module.named_parameters(recurse=False) if value.ndim >= 2}
 
 
+def expert_slice_name(name: str, expert: int) -> str:
+    """The name of expert ``expert``'s matrix inside the fused checkpoint tensor ``name`` (its slice along
+    dim 0), e.g. ``model.layers.0.mlp.experts.gate_up_proj[3]``: what input statistics and merge records key
+    one expert of a tensor stored fused (gpt-oss) by."""
+    return f"{name}[{expert}]"
+
+
+@dataclass(frozen=True)
+class ExpertMapTensors:
+    """Where one expert's map is stored in a checkpoint: the tensors its inputs feed, and their layout."""
+
+    names: tuple[str, ...]  # its per-expert tensors (gate and up: one input), or its slice of a fused tensor
+    transposed: bool  # stored ``(in, out)``, as the experts module (gpt-oss)
+
+
+def expert_map_tensors(block: nn.Module, prefix: str, names: Collection[str]) -> dict[str, ExpertMapTensors]:
+    """Full name of each expert map of ``block`` (under ``prefix``, e.g. ``model.layers.3.mlp.experts.5.gate_up_proj``)
+    -> the tensors of a checkpoint holding ``names`` that store it (:func:`checkpoint_sources`): expert 5's
+    own tensors (Mixtral's ``w1`` and ``w3`` for its up map, the map's gate rows and up rows, both fed by the
+    map's inputs; ``w2`` for its down map), or, where the parameter is stored fused (gpt-oss, or a name
+    the checkpoint lacks), its slice (:func:`expert_slice_name`)."""
+    fused = block_fused_parameters(block, prefix)
+    sources = checkpoint_sources(prefix, [f"{prefix}.{name}" for name in block.state_dict()], fused, names)
+    homes = {}
+    for experts in block_experts(block):
+        for expert_map in experts.all_maps():
+            parameter = f"{prefix}.{experts.name}.{expert_map.param}"
+            source = sources.get(parameter, ((parameter,),))
+            stored = ((expert_slice_name(parameter, expert_map.expert),) if source == ((parameter,),)
+                      else source[expert_map.expert])
+            homes[f"{prefix}.{expert_map.name}"] = ExpertMapTensors(stored, experts.transposed)
+    return homes
+
+
 def supported_architectures() -> str:
     return ", ".join(sorted(BLOCK_PATHS))
 

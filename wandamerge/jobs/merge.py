@@ -28,6 +28,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -51,8 +52,8 @@ from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, block_linears, block_of, block_prefix, indexes_tokens,
-                      load_model, load_tokenizer, local_model_dir)
+from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, ExpertMapTensors, block_linears, block_of, block_prefix,
+                      decoder_blocks, expert_map_tensors, indexes_tokens, load_model, load_tokenizer, local_model_dir)
 from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
                       method_parameters, model_calibration, resolve)
 from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
@@ -123,27 +124,38 @@ class MergeInputs:
 
 def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
                         progress: bool = True, loader=None, grams: Path | None = None,
-                        abs_sums: bool = False) -> dict[str, InputNorms]:
+                        abs_sums: bool = False, checkpoint_names: Collection[str] | None = None
+                        ) -> dict[str, InputNorms]:
     """``sum x_j^2`` of the inputs of every decoder linear map, keyed by its weight's tensor name; with
     ``grams`` (a folder) also the mean of ``x x^T``, written there one file per map so that memory holds
     one map's Gram at a time (a model's Grams can be several times its size), and with ``abs_sums``
     the sum of ``|x_j|``.
 
+    An expert's map of an MoE block (the tokens routed to it) is keyed by the tensors of a checkpoint
+    holding ``checkpoint_names`` (default: the model's own names) that store it
+    (:func:`~wandamerge.models.expert_map_tensors`): each of its per-expert tensors (gate and up alike), or
+    its slice of a fused tensor (``...experts.gate_up_proj[3]``).
     The visitor changes nothing, so every map sees the unmodified model's activations.
     ``loader``: where the blocks come from (a :class:`~wandamerge.loaders.StreamedModel`'s
     reads them from disk one at a time).
     """
     prefix = block_prefix(model)
+    names = set(model.state_dict() if checkpoint_names is None else checkpoint_names)
+    experts = {}
+    for index, block in enumerate(decoder_blocks(model)):
+        experts.update(expert_map_tensors(block, f"{prefix}.{index}", names))
     norms: dict[str, InputNorms] = {}
 
     def visit(index, linear, stats):
-        name = f"{prefix}.{index}.{linear.name}.weight"
+        full = f"{prefix}.{index}.{linear.name}"
+        stored = experts.get(full) or ExpertMapTensors((f"{full}.weight",), linear.transposed)
         gram_file = None
         if grams is not None:
-            gram_file = grams / f"{name}.pt"
+            gram_file = grams / f"{stored.names[0]}.pt"
             torch.save((stats.gram / max(stats.tokens, 1)).cpu(), gram_file)
-        norms[name] = InputNorms(stats.sq_norms.cpu(), linear.transposed, gram_file,
-                                 stats.abs_sums.cpu() if abs_sums else None)
+        for name in stored.names:
+            norms[name] = InputNorms(stats.sq_norms.cpu(), stored.transposed, gram_file,
+                                     stats.abs_sums.cpu() if abs_sums else None)
 
     needs = {NORMS} | ({GRAM} if grams is not None else set()) | ({ABS} if abs_sums else set())
     blockwise_pass(model, windows, visit, needs=needs, device=device,
@@ -470,7 +482,8 @@ def _activations(recipe: MergeRecipe, opened: MergeInputs, device: str, progress
             folder = spill / f"pass-{next(passes)}"
             folder.mkdir()
         return collect_input_norms(model, windows_of(calib), device=device, batch_size=calib.batch_size,
-                                   progress=progress, loader=loader, grams=folder, abs_sums=aim)
+                                   progress=progress, loader=loader, grams=folder, abs_sums=aim,
+                                   checkpoint_names=opened.base.names())
 
     through_base: dict[str, dict[str, InputNorms]] = {}
 
@@ -538,6 +551,7 @@ def _propagated_merge(recipe: MergeRecipe, opened: MergeInputs, device: str, pro
 def _finetuned_activations(recipe, opened, model, streamed, device, calibs, collect) -> list:
     """Each fine-tune's own activations: its tensors in place of the base's (block by block when streamed)."""
     pristine = None if streamed else {k: v.clone() for k, v in model.state_dict().items()}
+    layout = None if streamed else StreamedModel(opened.base_dir, dtype="float32")  # the checkpoint's names
     norms = []
     for spec, calib in zip(_specs(recipe), calibs):
         finetune = opened.inputs[spec]
@@ -545,7 +559,7 @@ def _finetuned_activations(recipe, opened, model, streamed, device, calibs, coll
             norms.append(collect(calib, streamed.loader(
                 device, tensor_fn=lambda name, t, source=finetune: finetuned_tensor(source, name, t))))
         else:
-            _apply_finetune(model, finetune)
+            _apply_finetune(model, finetune, layout)
             norms.append(collect(calib))
             model.load_state_dict(pristine)
     return norms
@@ -565,12 +579,17 @@ def _calibration_record(recipe: MergeRecipe, calibs: list[Calibration], windows_
     return record
 
 
-def _apply_finetune(model, source: Checkpoint | LoraAdapter) -> None:
-    """Turn an in-memory base model into a fine-tune (for activations: finetuned)."""
-    state = model.state_dict()
+def _apply_finetune(model, source: Checkpoint | LoraAdapter, layout: StreamedModel) -> None:
+    """Turn an in-memory base model into a fine-tune (for activations: finetuned): each block tensor read
+    under the checkpoint's names, as the streamed pass reads it (``layout``, the base's: a fused expert
+    parameter assembled from its per-expert tensors, Mixtral's ``block_sparse_moe`` for ``mlp``)."""
+    def tuned(name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        return finetuned_tensor(source, name, base_tensor)
+
     with torch.no_grad():
-        for name, tensor in state.items():
-            tensor.copy_(finetuned_tensor(source, name, tensor))
+        for name, tensor in model.state_dict().items():
+            found = block_of(name, layout.prefix)
+            tensor.copy_(tuned(name, tensor) if found is None else layout.read_block_tensor(found[0], name, tuned))
 
 
 def finetuned_tensor(source, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
