@@ -386,6 +386,27 @@ def expert_map_tensors(block: nn.Module, prefix: str, names: Collection[str]) ->
     return homes
 
 
+@dataclass(frozen=True)
+class StackedExperts:
+    """A checkpoint tensor holding one matrix per expert, stacked along dim 0 (how gpt-oss stores them)."""
+
+    experts: int
+    transposed: bool  # each expert's matrix stored ``(in, out)``
+
+
+def stacked_expert_tensors(model: nn.Module, names: Collection[str]) -> dict[str, StackedExperts]:
+    """The fused expert matrices (not their biases) of ``model`` that a checkpoint holding ``names`` stores
+    fused, under the parameter's own name; families whose checkpoints hold one tensor per expert have none."""
+    prefix, found = block_prefix(model), {}
+    for index, block in enumerate(decoder_blocks(model)):
+        for experts in block_experts(block):
+            for param in (experts.up_param, "down_proj"):
+                name = f"{prefix}.{index}.{experts.name}.{param}"
+                if name in names:
+                    found[name] = StackedExperts(experts.num_experts, experts.transposed)
+    return found
+
+
 def supported_architectures() -> str:
     return ", ".join(sorted(BLOCK_PATHS))
 
@@ -514,6 +535,16 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     decoder_blocks(model)  # fail early on unsupported architectures
     model.eval()
     return model, tokenizer
+
+
+def skeleton_model(path: str | os.PathLike) -> nn.Module:
+    """The causal LM of a transformers directory built on the meta device: its modules and their names, no
+    weight read nor allocated (what a job plans with before it reads any tensor)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
 
 
 def load_tokenizer(spec: str | os.PathLike):

@@ -17,6 +17,13 @@ The order of work:
    of ``LEAN_MIN_NUMEL`` entries or more (an embedding, an LM head) is merged
    block of rows by block of rows where :mod:`~wandamerge.merging.chunked` covers
    the plan, with the same result, so memory holds blocks, not tensors.
+
+MoE models (transformers 5's fused experts): the pass visits each expert's maps with the tokens
+routed to it, and keys their statistics by the checkpoint tensors that store them (Mixtral's per-expert
+``w1``/``w3`` share the up map's, ``w2`` has the down map's; a tensor stored fused, gpt-oss's, one per
+expert slice, ``name[e]``). A tensor stacking the experts' matrices is merged expert by expert, each slice
+as its own linear map (:class:`_ExpertSlicesJob`); routers get no statistics, so they are never scored
+by activations.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,8 +59,10 @@ from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, ExpertMapTensors, block_linears, block_of, block_prefix,
-                      decoder_blocks, expert_map_tensors, indexes_tokens, load_model, load_tokenizer, local_model_dir)
+from ..models import (BLOCK_PATHS, MOE_BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, ExpertMapTensors, StackedExperts,
+                      block_linears, block_of, block_prefix, decoder_blocks, expert_map_tensors, expert_slice_name,
+                      indexes_tokens, load_model, load_tokenizer, local_model_dir, skeleton_model,
+                      stacked_expert_tensors)
 from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
                       method_parameters, model_calibration, resolve)
 from ..runner import ABS, GRAM, NORMS, block_input_stats, blockwise_pass, multistream_pass
@@ -94,6 +103,12 @@ class MergeInputs:
     vocabulary: OutputVocabulary | None = None  # the output vocabulary, when the recipe asks for one
     token_models: tuple[str, ...] = ()  # the models of a token-indexed tensor, in mergekit's order
     base_model: str | None = None  # the recipe's base_model
+    # tensors stacking one matrix per expert (an MoE family that stores its experts fused: gpt-oss)
+    stacked_experts: dict[str, StackedExperts] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.base.config.get("model_type")
 
     def out_shape(self, name: str) -> tuple[int, ...]:
         """The output's shape of tensor ``name``: the base's, with the output vocabulary's rows for a
@@ -357,12 +372,25 @@ def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> 
                                    else []))
     opened = MergeInputs(base_dir, base, inputs, notes, BLOCK_PATHS[model_type], num_layers, base_spec,
                          token_models=token_models, base_model=recipe.base_model)
+    _check_moe(recipe, opened)
+    if model_type in MOE_BLOCK_PATHS:
+        opened.stacked_experts = stacked_expert_tensors(skeleton_model(base_dir), set(base.names()))
     if settings is not None:
         _check_own_activations(recipe, opened)
         opened.vocabulary = build_vocabulary(settings, base_spec, {
             spec: _model_dir(opened, spec) for spec in (base_spec, *token_models)})
     _check_required(recipe, opened)
     return opened, out
+
+
+def _check_moe(recipe: MergeRecipe, opened: MergeInputs) -> None:
+    """What an MoE base refuses: a method whose pass does not route tokens to experts."""
+    model_type = opened.model_type
+    if model_type not in MOE_BLOCK_PATHS:
+        return
+    if get_method(recipe.merge_method).propagate:
+        raise InputError(f"merge_method {recipe.merge_method!r} does not merge MoE models ({model_type}): its pass "
+                         f"through the merged blocks does not route tokens to experts; use regmean")
 
 
 def _model_dir(opened: MergeInputs, spec: str) -> Path:
@@ -619,26 +647,28 @@ def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: li
     per_tensor: dict[str, dict] = {}
     fallbacks: dict[str, str] = {}
     for name in tqdm(base.names(), desc=f"{recipe.merge_method} merge", disable=not progress):
-        tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype,
-                            (aim_stats or {}).get(name), (precomputed or {}).get(name))
-        if tensor.in_blocks():
-            result, changed = tensor.merge_in_blocks(writer, out_dtype)
+        stacked = opened.stacked_experts.get(name)
+        if stacked is not None:
+            tensor = _ExpertSlicesJob(recipe, opened, name, stacked, norms_per_input, compute_dtype, aim_stats)
         else:
-            result, changed = tensor.merge_whole(writer, out_dtype, generator)
+            tensor = _TensorJob(recipe, opened, name, [(n or {}).get(name) for n in norms_per_input], compute_dtype,
+                                (aim_stats or {}).get(name), (precomputed or {}).get(name))
+        result, changed = tensor.merge_into(writer, out_dtype, generator)
         if result.fallback_reason:
             fallbacks[name] = result.fallback_reason
-        per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed,
-                            **({"aim": True} if tensor.aim is not None else {})}
+        per_tensor[name] = {"sparsifier": result.sparsifier, "changed_fraction": changed, **tensor.notes()}
     writer.close()
     return per_tensor, fallbacks
 
 
 class _TensorJob:
     """One tensor's merge: its plan (every parameter at the tensor's layer position), and the two ways to
-    carry it out, whole or block of rows by block of rows."""
+    carry it out, whole or block of rows by block of rows. With ``stacked``, the job plans one expert's
+    slice of a tensor stacking the experts' matrices (:class:`_ExpertSlicesJob` carries it out)."""
 
     def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype,
-                 aim: InputNorms | None = None, precomputed: tuple[Path, MergeResult] | None = None):
+                 aim: InputNorms | None = None, precomputed: tuple[Path, MergeResult] | None = None,
+                 stacked: StackedExperts | None = None):
         self.recipe, self.opened, self.name = recipe, opened, name
         self.aim = aim  # the base's input statistics of this linear map, when AIM relaxes it
         self.precomputed = precomputed  # (merged task vector at lambda 1 on disk, its record): RegMean++
@@ -649,15 +679,26 @@ class _TensorJob:
         self.dtype = compute_dtype or TORCH_DTYPES[opened.base.dtype(name)]
         # model -> its rows in the output vocabulary, for a token-indexed tensor when the recipe builds one
         self.views = opened.token_views(name, self.dtype) if precomputed is None else None
-        self.shape = shape = opened.out_shape(name)
-        linear_map = len(shape) == 2 and name.startswith(f"{opened.prefix}.") and name.endswith(".weight")
-        conv1d = opened.base.config.get("model_type") in TRANSPOSED_LINEAR_TYPES
-        # Conv1D: scored and merged as (out, in)
-        self.transposed = (any(n is not None and n.transposed for n in norms)
+        self.shape = shape = opened.out_shape(name)[1:] if stacked else opened.out_shape(name)
+        linear_map = stacked is not None or (len(shape) == 2 and name.startswith(f"{opened.prefix}.")
+                                             and name.endswith(".weight"))
+        conv1d = opened.model_type in TRANSPOSED_LINEAR_TYPES
+        # Conv1D, and an expert's matrix stored (in, out) (gpt-oss): scored and merged as (out, in)
+        self.transposed = (stacked.transposed if stacked else any(n is not None and n.transposed for n in norms)
                            or (self.method.linear_maps_only and linear_map and conv1d))
-        self.plan: MergePlan = plan_tensor(recipe, self.method, name,
-                                           layer_position(name, opened.prefix, opened.num_layers),
-                                           shape[::-1] if self.transposed else shape, norms, linear_map)
+        t = layer_position(name, opened.prefix, opened.num_layers)
+        scored = shape[::-1] if self.transposed else shape
+        self.plan: MergePlan = plan_tensor(recipe, self.method, name, t, scored, norms, linear_map)
+
+    def notes(self) -> dict:
+        """What the record says of this tensor besides its sparsifier: AIM relaxed it."""
+        return {"aim": True} if self.aim is not None else {}
+
+    def merge_into(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
+        """Merge block by block where :meth:`in_blocks` says so, else whole; the result and the fraction changed."""
+        if self.in_blocks():
+            return self.merge_in_blocks(writer, out_dtype)
+        return self.merge_whole(writer, out_dtype, generator)
 
     def in_blocks(self) -> bool:
         """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
@@ -683,6 +724,13 @@ class _TensorJob:
         else:
             finetuned = [base_tensor if source is base or (isinstance(source, Checkpoint) and source.path == base.path)
                          else finetuned_tensor(source, self.name, base_tensor) for source in self.sources]
+        return self.combine(base_tensor, finetuned, generator, plan)
+
+    def combine(self, base_tensor: torch.Tensor, finetuned: list, generator, plan: MergePlan | None = None
+                ) -> MergeResult:
+        """The merge of the base's and the inputs' tensors (in the stored layout) as ``plan`` (default: its
+        own) says."""
+        plan = plan or self.plan
         if self.transposed:
             result = merge_with_plan(plan, base_tensor.T, [f.T for f in finetuned], generator)
             return replace(result, tensor=result.tensor.T.contiguous())
@@ -744,6 +792,51 @@ class _TensorJob:
         if self.aim.transposed:  # Conv1D, stored (in, out)
             return aim_relax(base.T, merged.T, self.aim.abs_sums, omega).T.contiguous()
         return aim_relax(base, merged, self.aim.abs_sums, omega)
+
+
+class _ExpertSlicesJob:
+    """A tensor stacking one matrix per expert along dim 0 (gpt-oss's fused experts): each expert's matrix is
+    a linear map of its own, merged alone, as a 2-D tensor with its own plan, input statistics (keyed
+    ``name[expert]``) and AIM statistics, in its stored layout (a :class:`_TensorJob` of the slice); the result
+    is the stack. So every method, sparsifier and score treats an expert as it treats a dense linear map,
+    and a fused tensor merges as its slices would alone. Each input is read one expert at a time."""
+
+    def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, stacked: StackedExperts,
+                 norms_per_input: list, compute_dtype, aim_stats: dict | None):
+        self.name, self.stacked = name, stacked
+
+        def planned(expert: int) -> _TensorJob:
+            key = expert_slice_name(name, expert)
+            return _TensorJob(recipe, opened, name, [(n or {}).get(key) for n in norms_per_input], compute_dtype,
+                              (aim_stats or {}).get(key), stacked=stacked)
+
+        self.planned = planned
+        self.first = planned(0)  # planned before any tensor is read, so a refusal comes first
+
+    def notes(self) -> dict:
+        return {**self.first.notes(), "experts": self.stacked.experts}
+
+    def merge_into(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float]:
+        """Merge expert by expert, straight into ``writer``; the first expert's result (with every expert's
+        fallback reasons) and the fraction changed."""
+        base_rows, readers = self.first.row_readers()
+        results, changed = [], 0
+
+        def pieces():
+            nonlocal changed
+            for expert in range(self.stacked.experts):
+                job = self.first if expert == 0 else self.planned(expert)
+                base = base_rows.rows(expert, expert + 1)[0].to(job.dtype)
+                result = job.combine(base, [r.rows(expert, expert + 1)[0].to(job.dtype) for r in readers], generator)
+                merged = job.relaxed(base, result.tensor)
+                changed += int((merged != base).sum())
+                results.append(replace(result, tensor=None))
+                yield (merged.to(out_dtype) if out_dtype else merged)[None]
+
+        writer.add_chunks(self.name, pieces())
+        reasons = list(dict.fromkeys(r.fallback_reason for r in results if r.fallback_reason))
+        return (replace(results[0], fallback_reason="; ".join(reasons) or None),
+                changed / math.prod(self.first.opened.out_shape(self.name)))
 
 
 def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
