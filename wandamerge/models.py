@@ -407,6 +407,16 @@ def stacked_expert_tensors(model: nn.Module, names: Collection[str]) -> dict[str
     return found
 
 
+def is_router_tensor(name: str, model_type: str | None) -> bool:
+    """Whether checkpoint tensor ``name`` of a ``model_type`` model is a router's (:data:`ROUTER_NAMES`:
+    ``mlp.gate.weight``, Mixtral's ``block_sparse_moe.gate.weight``, gpt-oss's ``mlp.router.weight`` and
+    ``bias``, Qwen2-MoE's ``mlp.shared_expert_gate.weight``); only MoE families have routers."""
+    if model_type not in MOE_BLOCK_PATHS:
+        return False
+    found = block_of(name, MOE_BLOCK_PATHS[model_type])
+    return found is not None and "." in found[1] and is_router(found[1].rsplit(".", 1)[0])
+
+
 def supported_architectures() -> str:
     return ", ".join(sorted(BLOCK_PATHS))
 

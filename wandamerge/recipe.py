@@ -15,7 +15,9 @@ forms: a scalar, a gradient (a list of numbers interpolated over the layers
 at each tensor's layer position ``t``), or a list of ``{filter, value}``
 conditions matched against the tensor name. ``int8_mask`` is mergekit's
 memory option for its masks: accepted so its recipes run unchanged, with no
-effect on the result (no int8 mask is ever built here).
+effect on the result (no int8 mask is ever built here). ``router: method | base | average``
+(MoE models only) says how the routers are merged (:mod:`wandamerge.merging.routers`; default
+``method``, mergekit's way).
 
 A ``slices:`` recipe (:class:`SlicesRecipe`) stacks layer ranges of models instead: each slice's
 ``sources: [{model, layer_range: [start, end], parameters}]`` (all of one length) are merged layer by
@@ -40,6 +42,7 @@ from .errors import RecipeError, did_you_mean, short_repr
 from .io.chat_templates import chat_template_problem
 from .io.dtypes import DTYPE_NAMES
 from .merging.methods import MERGE_METHODS, MergeMethod, method_inputs, slice_inputs
+from .merging.routers import DEFAULT_ROUTER_RULE, ROUTER_RULES
 from .merging.sparsify import SPARSIFIERS
 
 Scalar = Union[bool, int, float, str]
@@ -389,6 +392,18 @@ class MergeRecipe(_Recipe):
     sparsify: Sparsify | None = None
     calibration: Calibration | None = None
     aim: Aim | None = None
+    router: str | None = None  # how an MoE model's routers are merged (:mod:`~.merging.routers`); None: the default
+
+    @field_validator("router")
+    @classmethod
+    def known_router_rule(cls, value):
+        if value is not None and value not in ROUTER_RULES:
+            raise ValueError(f"unknown router rule {value!r}{did_you_mean(value, ROUTER_RULES)}")
+        return value
+
+    def router_rule(self) -> str:
+        """The rule an MoE model's routers are merged by: the recipe's ``router``, else the default."""
+        return self.router or DEFAULT_ROUTER_RULE
 
     def parameter_levels(self) -> list[tuple[str, dict | None, bool]]:
         return super().parameter_levels() + [(f"models[{i}] ({m.model})", m.parameters, True)

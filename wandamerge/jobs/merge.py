@@ -22,8 +22,8 @@ MoE models (transformers 5's fused experts): the pass visits each expert's maps 
 routed to it, and keys their statistics by the checkpoint tensors that store them (Mixtral's per-expert
 ``w1``/``w3`` share the up map's, ``w2`` has the down map's; a tensor stored fused, gpt-oss's, one per
 expert slice, ``name[e]``). A tensor stacking the experts' matrices is merged expert by expert, each slice
-as its own linear map (:class:`_ExpertSlicesJob`); routers get no statistics, so they are never scored
-by activations.
+as its own linear map (:class:`_ExpertSlicesJob`); routers are merged by the recipe's ``router`` rule
+(:mod:`~wandamerge.merging.routers`) and never scored by activations.
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ from ..loaders import StreamedModel, should_stream
 from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
+from ..merging.routers import RouterRule, get_router_rule
 from ..merging.sparsify import get_sparsifier
 from ..models import (BLOCK_PATHS, MOE_BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, ExpertMapTensors, StackedExperts,
                       block_linears, block_of, block_prefix, decoder_blocks, expert_map_tensors, expert_slice_name,
-                      indexes_tokens, load_model, load_tokenizer, local_model_dir, skeleton_model,
+                      indexes_tokens, is_router_tensor, load_model, load_tokenizer, local_model_dir, skeleton_model,
                       stacked_expert_tensors)
 from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
                       method_parameters, model_calibration, resolve)
@@ -384,9 +385,13 @@ def open_merge_inputs(recipe: MergeRecipe, out: str | Path, overwrite: bool) -> 
 
 
 def _check_moe(recipe: MergeRecipe, opened: MergeInputs) -> None:
-    """What an MoE base refuses: a method whose pass does not route tokens to experts."""
+    """What an MoE base refuses (a method whose pass does not route tokens to experts), and what a dense
+    base refuses (a router rule: it has no routers)."""
     model_type = opened.model_type
     if model_type not in MOE_BLOCK_PATHS:
+        if recipe.router is not None:
+            raise InputError(f"router: {recipe.router} says how an MoE model's routers are merged, and {model_type} "
+                             f"models have none; remove it")
         return
     if get_method(recipe.merge_method).propagate:
         raise InputError(f"merge_method {recipe.merge_method!r} does not merge MoE models ({model_type}): its pass "
@@ -663,7 +668,8 @@ def _merge_tensors(recipe: MergeRecipe, opened: MergeInputs, norms_per_input: li
 
 class _TensorJob:
     """One tensor's merge: its plan (every parameter at the tensor's layer position), and the two ways to
-    carry it out, whole or block of rows by block of rows. With ``stacked``, the job plans one expert's
+    carry it out, whole or block of rows by block of rows. A router of an MoE model is planned by the
+    recipe's router rule (:mod:`~wandamerge.merging.routers`); with ``stacked``, the job plans one expert's
     slice of a tensor stacking the experts' matrices (:class:`_ExpertSlicesJob` carries it out)."""
 
     def __init__(self, recipe: MergeRecipe, opened: MergeInputs, name: str, norms: list, compute_dtype,
@@ -673,6 +679,8 @@ class _TensorJob:
         self.aim = aim  # the base's input statistics of this linear map, when AIM relaxes it
         self.precomputed = precomputed  # (merged task vector at lambda 1 on disk, its record): RegMean++
         self.method: MergeMethod = get_method(recipe.merge_method)
+        self.router: RouterRule | None = (get_router_rule(recipe.router_rule())
+                                          if is_router_tensor(name, opened.model_type) else None)
         # the method's inputs (a base_model merged as one more input is read from the base)
         self.specs = [entry.model for entry in recipe.inputs()[1]]
         self.sources = [opened.inputs.get(spec, opened.base) for spec in self.specs]
@@ -688,11 +696,15 @@ class _TensorJob:
                            or (self.method.linear_maps_only and linear_map and conv1d))
         t = layer_position(name, opened.prefix, opened.num_layers)
         scored = shape[::-1] if self.transposed else shape
-        self.plan: MergePlan = plan_tensor(recipe, self.method, name, t, scored, norms, linear_map)
+        # None: the base's tensor is kept (a router rule may say so)
+        self.plan: MergePlan | None = (plan_router(recipe, self.router, name, t, scored, norms, linear_map)
+                                       if self.router else
+                                       plan_tensor(recipe, self.method, name, t, scored, norms, linear_map))
 
     def notes(self) -> dict:
-        """What the record says of this tensor besides its sparsifier: AIM relaxed it."""
-        return {"aim": True} if self.aim is not None else {}
+        """What the record says of this tensor besides its sparsifier: AIM relaxed it, the router rule."""
+        return {**({"aim": True} if self.aim is not None else {}),
+                **({"router": self.router.name} if self.router else {})}
 
     def merge_into(self, writer: ShardWriter, out_dtype, generator) -> tuple[MergeResult, float | None]:
         """Merge block by block where :meth:`in_blocks` says so, else whole; the result and the fraction changed."""
@@ -703,7 +715,8 @@ class _TensorJob:
     def in_blocks(self) -> bool:
         """A large tensor, not transposed for its scores, of a plan and dtypes :mod:`.chunked` covers."""
         shape = self.shape
-        if not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed or self.precomputed:
+        if (not selects_lean(math.prod(shape)) or len(shape) == 0 or self.transposed or self.precomputed
+                or self.plan is None):
             return False
         if self.aim is not None and self.aim.transposed:
             return False
@@ -729,8 +742,11 @@ class _TensorJob:
     def combine(self, base_tensor: torch.Tensor, finetuned: list, generator, plan: MergePlan | None = None
                 ) -> MergeResult:
         """The merge of the base's and the inputs' tensors (in the stored layout) as ``plan`` (default: its
-        own) says."""
+        own) says; None keeps the base's."""
         plan = plan or self.plan
+        if plan is None:
+            return MergeResult(base_tensor, method="base", sparsifier=None, requested_sparsifier=None,
+                               fallback_reason=None, normalize=False, rescale=False, lambda_=1.0)
         if self.transposed:
             result = merge_with_plan(plan, base_tensor.T, [f.T for f in finetuned], generator)
             return replace(result, tensor=result.tensor.T.contiguous())
@@ -742,10 +758,12 @@ class _TensorJob:
         if self.precomputed is not None:  # a propagated pass merged it at lambda 1: scale its task vector
             path, done = self.precomputed
             result = replace(done, tensor=base_tensor + done.lambda_ * torch.load(path, weights_only=True).to(self.dtype))
+        elif self.plan is None:  # the base's tensor kept: no input read
+            result = self.combine(base_tensor, [], generator)
         else:
             result = self.merged(base_tensor, generator)
         merged = self.relaxed(base_tensor, result.tensor)
-        changed = (merged != base_tensor).float().mean().item() if self.plan.uses_base else None
+        changed = (merged != base_tensor).float().mean().item() if self.plan is None or self.plan.uses_base else None
         writer.add(self.name, merged.to(out_dtype) if out_dtype else merged)
         return result, changed
 
@@ -837,6 +855,19 @@ class _ExpertSlicesJob:
         reasons = list(dict.fromkeys(r.fallback_reason for r in results if r.fallback_reason))
         return (replace(results[0], fallback_reason="; ".join(reasons) or None),
                 changed / math.prod(self.first.opened.out_shape(self.name)))
+
+
+def plan_router(recipe: MergeRecipe, rule: RouterRule, name: str, t: float, shape: tuple[int, ...], norms: list,
+                linear_map: bool) -> MergePlan | None:
+    """The plan of a router tensor by ``rule``: None keeps the base's; by the recipe's method as any tensor
+    (its norms are None: no statistics are collected for a router); or by the rule's method with each input's
+    ``weight`` (1 where none is set)."""
+    if rule.keeps_base:
+        return None
+    if rule.merge_method is None:
+        return plan_tensor(recipe, get_method(recipe.merge_method), name, t, shape, norms, linear_map)
+    weights = [resolve("weight", scopes, name, t, default=1.0) for scopes in recipe.group().input_scopes]
+    return plan_merge(rule.merge_method, shape, len(weights), weights, normalize=rule.normalize)
 
 
 def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, shape: tuple[int, ...],
