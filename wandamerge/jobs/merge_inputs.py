@@ -26,6 +26,7 @@ def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapte
     base_shapes = {name: base.shape(name) for name in base.names()}
     for spec, source in inputs.items():
         if isinstance(source, LoraAdapter):
+            _check_adapted_parameters(spec, source, base.config.get("model_type"))
             named = source.base_model_name
             made_for = "it was made for another base model" + (f" ({named})" if named else "")
             for name in source.names():
@@ -64,6 +65,17 @@ def check_compatible(base: Checkpoint, inputs: dict[str, Checkpoint | LoraAdapte
         if extra:
             notes.append(f"{spec}: {len(extra)} tensors not in the base are ignored (e.g. {extra[0]})")
     return notes
+
+
+def _check_adapted_parameters(spec: str, adapter: LoraAdapter, model_type: str | None) -> None:
+    """Refuse an adapter on parameters rather than modules (PEFT's ``target_parameters``: the fused experts of
+    an MoE model): its file nests one LoRA pair per targeted parameter under the experts module's name
+    (``experts.lora_A``, ``experts.base_layer.lora_A``), and does not say which pair changes which parameter."""
+    targets = adapter.config.get("target_parameters")
+    if targets:
+        raise InputError(f"LoRA adapter {spec} adapts parameters of a {model_type} model ({', '.join(targets)}), "
+                         f"which wandamerge cannot merge (PEFT's file does not say which of its nested pairs "
+                         f"changes which); merge it with PEFT's merge_and_unload and give the full checkpoint")
 
 
 def open_inputs(specs: list[str]) -> dict[str, Checkpoint | LoraAdapter]:
