@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import MOE_ARCHS, VOCAB, finetune_of, save, tensors, tiny_model, tiny_moe_model
+from conftest import MOE_ARCHS, MORE_MOE_ARCHS, VOCAB, finetune_of, save, tensors, tiny_model, tiny_moe_model
 from test_moe import expert_weights, gated, moe_block_inputs, router_top_k
 from wandamerge.errors import InputError
 from wandamerge.io.safetensors import Checkpoint
@@ -331,3 +331,23 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(RecipeError) as exc:
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "m"}], "router": "avg"})
     assert "did you mean 'average'" in one_line(exc)
+
+
+@pytest.mark.parametrize("arch", MORE_MOE_ARCHS)
+def test_more_families_give_the_finetune_back_with_every_expert_wanda_scored(arch, tmp_path):
+    """The other fused-expert families (their checkpoint names come from transformers' own conversion
+    mapping: PhiMoE's block_sparse_moe.gate for mlp.router, GraniteMoE's fused input_linear ...): one
+    fine-tune at density 1 and weight 1 comes back, and every expert tensor is Wanda-scored on its expert's
+    statistics (none falls back for want of them)."""
+    base, ft1 = moe_family(tmp_path, arch, finetunes=1)
+    _, calib = calibration(tmp_path)
+    record, got = run(tmp_path / "out", merge_method="ties", base_model=str(base), sparsify={"score": "wanda"},
+                      calibration=calib, models=[{"model": str(ft1), "parameters": {"weight": 1.0, "density": 1.0}}])
+    want = tensors(ft1)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    expert_names = [n for n in want if (".experts." in n and want[n].ndim == 2) or want[n].ndim == 3]
+    assert expert_names
+    for name in expert_names:
+        assert record["per_tensor"][name]["sparsifier"] == "wanda", (name, record["per_tensor"][name])

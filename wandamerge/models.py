@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,22 +368,25 @@ class ExpertMapTensors:
     transposed: bool  # stored ``(in, out)``, as the experts module (gpt-oss)
 
 
-def expert_map_tensors(block: nn.Module, prefix: str, names: Collection[str]) -> dict[str, ExpertMapTensors]:
+def expert_map_tensors(block: nn.Module, prefix: str, names: Collection[str],
+                       saved: CheckpointNames) -> dict[str, ExpertMapTensors]:
     """Full name of each expert map of ``block`` (under ``prefix``, e.g. ``model.layers.3.mlp.experts.5.gate_up_proj``)
-    -> the tensors of a checkpoint holding ``names`` that store it (:func:`checkpoint_sources`): expert 5's
-    own tensors (Mixtral's ``w1`` and ``w3`` for its up map, the map's gate rows and up rows, both fed by the
-    map's inputs; ``w2`` for its down map), or, where the parameter is stored fused (gpt-oss, or a name
-    the checkpoint lacks), its slice (:func:`expert_slice_name`)."""
+    -> the tensors of a checkpoint holding ``names`` that store it (``saved``: where transformers saves each
+    tensor): expert 5's own tensors (Mixtral's ``w1`` and ``w3`` for its up map, the map's gate rows and up
+    rows, both fed by the map's inputs; ``w2`` for its down map), or, where the parameter is stored fused
+    (gpt-oss; GraniteMoE under its saved name; a checkpoint written in the module's own layout), its slice
+    (:func:`expert_slice_name`)."""
     fused = block_fused_parameters(block, prefix)
-    sources = checkpoint_sources(prefix, [f"{prefix}.{name}" for name in block.state_dict()], fused, names)
     homes = {}
     for experts in block_experts(block):
         for expert_map in experts.all_maps():
             parameter = f"{prefix}.{experts.name}.{expert_map.param}"
-            source = sources.get(parameter, ((parameter,),))
-            stored = ((expert_slice_name(parameter, expert_map.expert),) if source == ((parameter,),)
-                      else source[expert_map.expert])
-            homes[f"{prefix}.{expert_map.name}"] = ExpertMapTensors(stored, experts.transposed)
+            source = saved.source(parameter, fused[parameter])
+            own = source.parts[expert_map.expert] if source.stacked else ()
+            if not own or not all(name in names for name in own):
+                whole = parameter if source.stacked else source.parts[0][0]
+                own = (expert_slice_name(whole if whole in names else parameter, expert_map.expert),)
+            homes[f"{prefix}.{expert_map.name}"] = ExpertMapTensors(tuple(own), experts.transposed)
     return homes
 
 
@@ -396,14 +400,17 @@ class StackedExperts:
 
 def stacked_expert_tensors(model: nn.Module, names: Collection[str]) -> dict[str, StackedExperts]:
     """The fused expert matrices (not their biases) of ``model`` that a checkpoint holding ``names`` stores
-    fused, under the parameter's own name; families whose checkpoints hold one tensor per expert have none."""
-    prefix, found = block_prefix(model), {}
+    fused, by their checkpoint name (transformers' saved name, else the parameter's own); families whose
+    checkpoints hold one tensor per expert have none."""
+    prefix, saved, found = block_prefix(model), CheckpointNames(model), {}
     for index, block in enumerate(decoder_blocks(model)):
         for experts in block_experts(block):
             for param in (experts.up_param, "down_proj"):
                 name = f"{prefix}.{index}.{experts.name}.{param}"
-                if name in names:
-                    found[name] = StackedExperts(experts.num_experts, experts.transposed)
+                source = saved.source(name, experts.num_experts)
+                stored = name if source.stacked else source.parts[0][0]
+                if stored in names:
+                    found[stored] = StackedExperts(experts.num_experts, experts.transposed)
     return found
 
 

@@ -60,8 +60,8 @@ from ..merging.chunked import chunked_merge_applies, merge_rows
 from ..merging.methods import MergeMethod, MergePlan, MergeResult, get_method, merge_with_plan, plan_merge
 from ..merging.routers import RouterRule, get_router_rule
 from ..merging.sparsify import get_sparsifier
-from ..models import (BLOCK_PATHS, MOE_BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, ExpertMapTensors, StackedExperts,
-                      block_linears, block_of, block_prefix, decoder_blocks, expert_map_tensors, expert_slice_name,
+from ..models import (BLOCK_PATHS, MOE_BLOCK_PATHS, TRANSPOSED_LINEAR_TYPES, CheckpointNames, ExpertMapTensors,
+                      StackedExperts, block_linears, block_of, block_prefix, decoder_blocks, expert_map_tensors, expert_slice_name,
                       indexes_tokens, is_router_tensor, load_model, load_tokenizer, local_model_dir, skeleton_model,
                       stacked_expert_tensors)
 from ..recipe import (Calibration, MergeGroup, MergeRecipe, Recipe, SlicesRecipe, group_parameters,
@@ -157,9 +157,9 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
     """
     prefix = block_prefix(model)
     names = set(model.state_dict() if checkpoint_names is None else checkpoint_names)
-    experts = {}
+    experts, saved = {}, CheckpointNames(model)
     for index, block in enumerate(decoder_blocks(model)):
-        experts.update(expert_map_tensors(block, f"{prefix}.{index}", names))
+        experts.update(expert_map_tensors(block, f"{prefix}.{index}", names, saved))
     norms: dict[str, InputNorms] = {}
 
     def visit(index, linear, stats):
