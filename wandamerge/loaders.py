@@ -70,6 +70,9 @@ class BlockLoader(Protocol):
 
     def unload(self, index: int, block: nn.Module) -> None: ...
 
+    def read_only(self) -> "BlockLoader":
+        """A loader of the same blocks for a pass that changes no weight: nothing handed over or written back."""
+
 
 def default_loader(model: nn.Module, device: str | torch.device) -> "ResidentBlocks":
     """Blocks stay where accelerate placed them (a ``device_map``), else visit ``device`` one at a time."""
@@ -123,6 +126,9 @@ class ResidentBlocks:
     def unload(self, index: int, block: nn.Module) -> None:
         block.to(self._home)
 
+    def read_only(self) -> "ResidentBlocks":
+        return ResidentBlocks(self.device)
+
 
 
 # ----------------------------------------------------------------------------- placed by accelerate
@@ -165,10 +171,11 @@ def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
 class DispatchedBlocks(ResidentBlocks):
     """Block loader for an accelerate-dispatched model: nothing moves; offloaded weights visit for a turn."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, write_back: bool = True):
         device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
         super().__init__("cpu" if device is None else device)  # may be a GPU index: 0 is a device
         self._brought_in: list[nn.Module] = []
+        self._model, self._write_back = model, write_back
 
     @contextmanager
     def outside(self, model: nn.Module, blocks: nn.ModuleList):
@@ -183,11 +190,14 @@ class DispatchedBlocks(ResidentBlocks):
     def unload(self, index: int, block: nn.Module) -> None:
         for module in self._brought_in:
             hook = module._hf_hook
-            for name, tensor in _hooked_tensors(module):
+            for name, tensor in _hooked_tensors(module) if self._write_back else ():
                 _store(module, name, tensor)
             hook.offload = True
             hook.post_forward(module, None)  # back to meta
         self._brought_in = []
+
+    def read_only(self) -> "DispatchedBlocks":
+        return DispatchedBlocks(self._model, write_back=False)
 
 
 # ----------------------------------------------------------------------------- streamed from shards
@@ -412,3 +422,6 @@ class StreamedBlocks(ResidentBlocks):
             self.after_block(index, out)
         for name in state:
             _set(block, name, "meta")
+
+    def read_only(self) -> "StreamedBlocks":
+        return StreamedBlocks(self.streamed, self.device, None, self.tensor_fn)

@@ -8,7 +8,7 @@ statistics to collect.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -49,6 +49,10 @@ class PruneTarget:
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern) if self.pattern else None
+
+    def with_sparsity(self, sparsity: float) -> "PruneTarget":
+        """The same target at another unstructured ``sparsity`` (one map's share of a layer-wise allocation)."""
+        return self if sparsity == self.sparsity else replace(self, sparsity=sparsity)
 
     @property
     def expected_sparsity(self) -> float:
