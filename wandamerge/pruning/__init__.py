@@ -14,15 +14,18 @@ from ..errors import ConfigError, ModelError
 from ..loaders import BlockLoader
 from ..models import ExpertMap, LinearMap, block_experts, block_linears, block_prefix, decoder_blocks
 from ..runner import InputStats, blockwise_pass
+from .allocation import (SPARSITY_PROFILES, Allocation, DenseModelScores, SparsityMap, get_sparsity_profile,
+                         register_sparsity_profile)
 from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunable_moe_layers, prune_experts,
                       register_expert_score)
 from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "get_expert_score",
-           "get_prune_method", "keep_mask", "prunable_moe_layers", "prune", "prune_experts", "prune_weight",
-           "register_expert_score", "register_prune_method"]
+__all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
+           "SparsityMap", "get_expert_score", "get_prune_method", "get_sparsity_profile", "keep_mask",
+           "prunable_moe_layers", "prune", "prune_experts", "prune_weight", "register_expert_score",
+           "register_prune_method", "register_sparsity_profile"]
 
 
 @dataclass
@@ -35,6 +38,12 @@ class PruneReport:
     matrix_sparsity: dict[str, float] = field(default_factory=dict)  # full parameter name -> zeros fraction
     block_sparsity: list[float] = field(default_factory=list)
     overall_sparsity: float = 0.0  # over all pruned linear maps
+    sparsity_profile: str = "uniform"
+    # each block's target: its maps' common sparsity target, or their mean weighted by entries
+    block_targets: list[float] = field(default_factory=list)
+    matrix_targets: dict[str, float] = field(default_factory=dict)  # full parameter name -> sparsity target
+    # what decided the targets: the profile's options and findings (OWL: outlier_ratios), or the sparsity map
+    allocation: dict = field(default_factory=dict)
     # MoE: full expert name (e.g. model.layers.0.mlp.experts.3) -> calibration tokens it saw / zeros fraction
     expert_tokens: dict[str, int] = field(default_factory=dict)
     expert_sparsity: dict[str, float] = field(default_factory=dict)
@@ -45,7 +54,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
           sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
           update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
           within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
-          progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False) -> PruneReport:
+          progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False,
+          sparsity_profile: str = "uniform", sparsity_map: dict[str, float] | None = None,
+          **profile_options: float) -> PruneReport:
     """Prune every linear map in the decoder blocks of ``model`` in place.
 
     ``calibration`` is an integer tensor of token windows ``(nsamples, seqlen)``;
@@ -55,57 +66,101 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     :class:`wandamerge.loaders.StreamedModel` gives one that reads one block at
     a time and hands it to the job's ``after_block`` when done).
 
+    Unstructured targets may give each block its own sparsity: ``sparsity_profile``
+    (``uniform``, or ``owl`` with ``owl_m`` and ``owl_lambda``: :mod:`.allocation`),
+    or a ``sparsity_map`` of module-name patterns -> sparsity (the first match wins;
+    unmatched maps get ``sparsity``).
+
     Fused MoE experts are pruned expert by expert, each on the tokens the
     router sends it (every token with ``all_experts``); routers are never pruned.
     """
     prune_method = get_prune_method(method)
     target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
                          update=update, blocksize=blocksize, percdamp=percdamp)
+    allocation = Allocation.of(target, sparsity_profile, profile_options, sparsity_map)
     needs = prune_method.needs_for(target)
-    if needs and calibration is None:
-        raise ConfigError(f"method {method!r} needs calibration windows")
+    if (needs or allocation.needs) and calibration is None:
+        raise ConfigError(f"method {method!r} with sparsity profile {sparsity_profile!r} needs calibration windows")
     blocks = decoder_blocks(model)
     prefix = block_prefix(model)
     if target.nm:
         _check_widths(blocks, target.nm[1])
     _check_finite_weights(model)
-
-    zeros: dict[str, tuple[int, int]] = {}
-    experts: dict[str, list[int]] = {}  # expert -> [tokens, zeros, entries]
-
-    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> None:
-        new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, target)
-        linear.set_weight(new_weight.to(linear.weight.dtype))
-        counts = (int((linear.weight == 0).sum()), linear.weight.numel())
-        if isinstance(linear, ExpertMap):
-            zeros[f"{prefix}.{index}.{linear.name}"] = counts
-            seen = experts.setdefault(f"{prefix}.{index}.{linear.experts.name}.{linear.expert}", [0, 0, 0])
-            seen[0] = max(seen[0], stats.tokens if stats is not None else 0)
-            seen[1], seen[2] = seen[1] + counts[0], seen[2] + counts[1]
-        else:
-            zeros[f"{prefix}.{index}.{linear.name}.weight"] = counts
+    _warn_unmatched(allocation, model)
 
     t0 = time.perf_counter()
+    planned = allocation.per_block(target.sparsity, DenseModelScores(
+        model, calibration, device, batch_size, loader, all_experts, progress))
+    t_planned = time.perf_counter()
+    tally = _Tally(prefix)
+
+    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> None:
+        own = allocation.target_of(target, planned.sparsities[index], f"{prefix}.{index}.{linear.name}")
+        new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, own)
+        linear.set_weight(new_weight.to(linear.weight.dtype))
+        tally.add(index, linear, stats, own.expected_sparsity)
+
     timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
                              batch_size=batch_size, within_block=within_block, progress=progress,
                              desc=f"{method} pruning", loader=loader, all_experts=all_experts)
-    total = time.perf_counter() - t0
-
     report = PruneReport(
         method=method, target=asdict(target), within_block=timings.within_block or "none",
         nsamples=int(calibration.shape[0]) if needs else 0, seqlen=int(calibration.shape[1]) if needs else 0,
-        matrix_sparsity={k: z / n for k, (z, n) in zeros.items()},
-        seconds={"catch": timings.catch_s, "forward": timings.forward_s, "decision": timings.visit_s,
-                 "total": total},
-        expert_tokens={k: v[0] for k, v in experts.items()} if needs else {},
-        expert_sparsity={k: v[1] / max(1, v[2]) for k, v in experts.items()},
-    )
-    for index in range(len(blocks)):
-        block_counts = [v for k, v in zeros.items() if k.startswith(f"{prefix}.{index}.")]
-        report.block_sparsity.append(sum(z for z, _ in block_counts) / max(1, sum(n for _, n in block_counts)))
-    report.overall_sparsity = sum(z for z, _ in zeros.values()) / max(1, sum(n for _, n in zeros.values()))
+        sparsity_profile=allocation.profile.name, allocation=allocation.record(planned),
+        seconds={"allocation": t_planned - t0, "catch": timings.catch_s, "forward": timings.forward_s,
+                 "decision": timings.visit_s, "total": time.perf_counter() - t0})
+    tally.fill(report, len(blocks), needs)
     log.info("%s: %.4f of the decoder linear weights are zero", method, report.overall_sparsity)
     return report
+
+
+@dataclass
+class _Tally:
+    """Zeros, entries and sparsity targets of the pruned maps, by full parameter name (and per expert)."""
+
+    prefix: str
+    zeros: dict[str, tuple[int, int]] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, list[int]] = field(default_factory=dict)  # expert -> [tokens, zeros, entries]
+
+    def add(self, index: int, linear: LinearMap | ExpertMap, stats: InputStats | None, target: float) -> None:
+        counts = (int((linear.weight == 0).sum()), linear.weight.numel())
+        if isinstance(linear, ExpertMap):
+            name = f"{self.prefix}.{index}.{linear.name}"
+            seen = self.experts.setdefault(f"{self.prefix}.{index}.{linear.experts.name}.{linear.expert}", [0, 0, 0])
+            seen[0] = max(seen[0], stats.tokens if stats is not None else 0)
+            seen[1], seen[2] = seen[1] + counts[0], seen[2] + counts[1]
+        else:
+            name = f"{self.prefix}.{index}.{linear.name}.weight"
+        self.zeros[name], self.targets[name] = counts, target
+
+    def fill(self, report: PruneReport, blocks: int, needs) -> None:
+        """The report's per-matrix, per-block, overall and per-expert numbers."""
+        report.matrix_sparsity = {k: z / n for k, (z, n) in self.zeros.items()}
+        report.matrix_targets = dict(self.targets)
+        for index in range(blocks):
+            names = [k for k in self.zeros if k.startswith(f"{self.prefix}.{index}.")]
+            entries = sum(self.zeros[k][1] for k in names)
+            report.block_sparsity.append(sum(self.zeros[k][0] for k in names) / max(1, entries))
+            block_targets = {self.targets[k] for k in names}
+            report.block_targets.append(block_targets.pop() if len(block_targets) == 1 else
+                                        sum(self.targets[k] * self.zeros[k][1] for k in names) / max(1, entries))
+        report.overall_sparsity = (sum(z for z, _ in self.zeros.values())
+                                   / max(1, sum(n for _, n in self.zeros.values())))
+        report.expert_tokens = {k: v[0] for k, v in self.experts.items()} if needs else {}
+        report.expert_sparsity = {k: v[1] / max(1, v[2]) for k, v in self.experts.items()}
+
+
+def _warn_unmatched(allocation: Allocation, model: nn.Module) -> None:
+    """A pattern of the sparsity map that matches no map of the model is most likely misspelt."""
+    if allocation.sparsity_map is None:
+        return
+    prefix = block_prefix(model)
+    names = [f"{prefix}.{index}.{m.name}" for index, block in enumerate(decoder_blocks(model))
+             for m in block_linears(block) + [e for experts in block_experts(block) for e in experts.all_maps()]]
+    if unmatched := allocation.sparsity_map.unmatched(names):
+        log.warning("sparsity map: %s match no linear map of the model (e.g. %s)", ", ".join(map(repr, unmatched)),
+                    names[0] if names else "none")
 
 
 def _check_finite_weights(model: nn.Module) -> None:
