@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Callable, Literal, Union
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..calibration import calibration_windows, evaluation_windows, window_length
+from ..core.allocation import OWL_LAMBDA, OWL_M
 from ..core.selection import GROUPS, check_sparsity, parse_pattern
 from ..errors import ConfigError, did_you_mean
 from ..evaluation.perplexity import perplexity
@@ -32,15 +34,17 @@ from ..io.safetensors import DEFAULT_SHARD_SIZE, ShardWriter
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, should_stream
 from ..models import load_model, load_tokenizer, parse_device_map, resolve_model
-from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, ExpertPruneReport, PruneReport, PruneTarget, get_prune_method,
-                       prunable_moe_layers, prune, prune_experts)
+from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, ExpertPruneReport, PruneReport, PruneTarget,
+                       SparsityMap, get_prune_method, get_sparsity_profile, prunable_moe_layers, prune, prune_experts)
+from ..pruning.allocation import Allocation, profile_options
 from ..recipe import expand_home, validated
 from ..runner import WITHIN_BLOCK_ORDERS
 
 log = logging.getLogger(__name__)
 
 STRUCTURES = ("none", "experts")  # what a prune removes: weights inside the linear maps, or whole experts
-WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "within_block", "calibrate_all_experts")
+WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "within_block",
+                   "calibrate_all_experts", "sparsity_profile", "sparsity_map", *profile_options())
 EXPERT_SETTINGS = ("experts_kept", "expert_score")
 
 
@@ -56,6 +60,18 @@ class PruneConfig(BaseModel):
     group: Literal[GROUPS] = Field(PruneTarget.group, description="Comparison group for unstructured masks.")
     variant: bool = Field(PruneTarget.variant, description="Wanda's cumulative-score alpha search (per-row, unstructured).")
     update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights (wanda/magnitude).")
+    sparsity_profile: str = Field("uniform", description=f"How the unstructured sparsity is shared among the "
+                                                         f"decoder blocks: {', '.join(sorted(SPARSITY_PROFILES))} "
+                                                         f"(owl: blocks with more Wanda-score outliers pruned "
+                                                         f"less, the mean over the blocks at --sparsity).")
+    owl_m: float = Field(OWL_M, description="--sparsity-profile owl: a block's outliers are its Wanda scores above "
+                                            "M times their mean (the OWL paper's M).")
+    owl_lambda: float = Field(OWL_LAMBDA, description="--sparsity-profile owl: block sparsities lie within "
+                                                      "2 x lambda of each other (the OWL paper's lambda).")
+    sparsity_map: Union[str, dict, None] = Field(None, description="A YAML or JSON file of module-name pattern "
+                                                                   "(glob, or re:REGEX) -> sparsity; the first "
+                                                                   "pattern that matches a linear map wins, "
+                                                                   "unmatched maps get --sparsity.")
     calibrate_all_experts: bool = Field(False, description="MoE models: every expert's statistics from every "
                                                            "calibration token, not only the tokens routed to it "
                                                            "(the block's outputs still follow the router).")
@@ -92,7 +108,15 @@ class PruneConfig(BaseModel):
     offload_folder: Union[str, None] = Field(None, description="Where accelerate keeps weights a device map puts "
                                                                "on disk.")
 
-    _home = field_validator("model", "calib", "eval_ppl", "offload_folder", mode="before")(expand_home)
+    _home = field_validator("model", "calib", "eval_ppl", "offload_folder", "sparsity_map", mode="before")(expand_home)
+
+    @field_validator("sparsity_map")
+    @classmethod
+    def checked_sparsity_map(cls, value):
+        """A file is read now (before any model loads); the mapping keeps its order (the first match wins)."""
+        if value is None:
+            return None
+        return SparsityMap.of(read_sparsity_map(value) if isinstance(value, str) else value).as_dict()
 
     @field_validator("sparsity")
     @classmethod
@@ -129,6 +153,7 @@ class PruneConfig(BaseModel):
             parse_pattern(self.pattern)
         self.target()
         self._check_structure()
+        self.allocation()
         return self
 
     def _check_structure(self) -> None:
@@ -151,6 +176,16 @@ class PruneConfig(BaseModel):
         """What to prune and in what shape (checked)."""
         return PruneTarget(sparsity=self.sparsity, pattern=self.pattern, group=self.group, variant=self.variant,
                            update=self.update)
+
+    def allocation(self) -> Allocation:
+        """How the sparsity is shared among blocks and maps (checked; a profile's option given for another
+        profile is refused)."""
+        given = {name: getattr(self, name) for name in profile_options() if name in self.model_fields_set}
+        return Allocation.of(self.target(), self.sparsity_profile, given, self.sparsity_map)
+
+    def profile_values(self) -> dict[str, float]:
+        """The options of the chosen profile, as this config sets them."""
+        return {name: getattr(self, name) for name in get_sparsity_profile(self.sparsity_profile).options}
 
     @classmethod
     def of(cls, source: str = "prune", **settings) -> "PruneConfig":
@@ -209,22 +244,41 @@ def run_prune(config: PruneConfig, out: str | Path | None, *, overwrite: bool = 
     return record
 
 
+def read_sparsity_map(path: str) -> dict:
+    """The mapping in a YAML or JSON file (JSON is read as YAML), keys in the file's order."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sparsity map {path} is not a file")
+    try:
+        mapping = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"sparsity map {path} is not valid YAML or JSON: {' '.join(str(exc).split())}") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"sparsity map {path} must hold a mapping of module-name pattern -> sparsity")
+    return mapping
+
+
 def _method_calibrates(config: PruneConfig) -> bool:
-    return bool(get_prune_method(config.method).needs_for(config.target()))
+    return bool(get_prune_method(config.method).needs_for(config.target()) | config.allocation().needs)
 
 
 def _prune_weights(config: PruneConfig, lm, calibration, progress: bool, loader) -> PruneReport:
     return prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
                  group=config.group, variant=config.variant, update=config.update, device=config.device,
                  batch_size=config.batch_size, within_block=config.within_block, progress=progress, loader=loader,
-                 all_experts=config.calibrate_all_experts)
+                 all_experts=config.calibrate_all_experts, sparsity_profile=config.sparsity_profile,
+                 sparsity_map=config.sparsity_map, **config.profile_values())
 
 
 def _weights_record(config: PruneConfig, report: PruneReport) -> tuple[dict, dict]:
     settings = {"sparsity": report.target["sparsity"] if not config.pattern else None,
-                "within_block": report.within_block}
+                "within_block": report.within_block,
+                **{name: None for name in profile_options() if name not in config.profile_values()}}
     results = {"sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
+                            "per_block_target": report.block_targets, "allocation": report.allocation,
                             "per_matrix": report.matrix_sparsity}}
+    if config.sparsity_map is not None:
+        results["sparsity"]["per_matrix_target"] = report.matrix_targets
     if report.expert_sparsity:  # MoE: each expert's calibration tokens and sparsity
         results["per_expert"] = {name: {"tokens": report.expert_tokens.get(name), "sparsity": sparsity}
                                  for name, sparsity in report.expert_sparsity.items()}
@@ -249,6 +303,10 @@ def _experts_record(config: PruneConfig, report: ExpertPruneReport) -> tuple[dic
 def _weights_card(record: dict) -> dict[str, str]:
     s = record["settings"]
     shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    if s.get("sparsity_map") is not None:
+        shape += ", per-module sparsities from a sparsity map"
+    elif get_sparsity_profile(s.get("sparsity_profile", "uniform")).uneven:
+        shape += f", shared among the blocks by the {s['sparsity_profile']} profile"
     return {"tag": "sparse", "title": f"pruned with {s['method']}",
             "what": f"{shape}, decoder linear maps only (embeddings and LM head kept dense)",
             "result": f"Overall sparsity of the decoder linear weights: {record['sparsity']['overall']:.4f}.",
