@@ -46,6 +46,10 @@ def test_token_file_calibration_is_used_as_given(model_dir, tmp_path):
     (["--pattern", "2:5"], "divisible by 5"),
     (["--nsamples", "0"], "nsamples must be positive"),
     (["--calib", "no-such-corpus"], "no-such-corpus"),
+    (["--sparsity-profile", "owl", "--pattern", "2:4"], "an N:M pattern prunes every block at N/M"),
+    (["--sparsity-profile", "owll"], "did you mean 'owl'?"),
+    (["--owl-lambda", "0.1"], "owl_lambda is an option of sparsity profile 'owl', not of 'uniform'"),
+    (["--sparsity-map", "no-such-map.yaml"], "sparsity map no-such-map.yaml is not a file"),
 ])
 def test_bad_settings_give_one_line_and_exit_2(model_dir, text_file, tmp_path, args, message):
     src = model_dir("llama")
@@ -88,6 +92,39 @@ def test_output_inside_the_input_model_is_refused(model_dir, text_file):
     src = model_dir("llama")
     result = run("prune", src, "-o", src / "pruned", "--calib", text_file)
     assert result.exit_code == 2 and "inside the input model" in result.output
+
+
+def test_prune_with_the_owl_profile_records_each_blocks_target(model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    result = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.6", "--sparsity-profile", "owl",
+                 "--owl-m", "3", "--owl-lambda", "0.05", "--calib", text_file, "--nsamples", 4, "--seqlen", 16)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "wandamerge.json").read_text())
+    targets = record["sparsity"]["per_block_target"]
+    assert sorted(targets) == pytest.approx([0.55, 0.65])  # two blocks: the target -/+ lambda
+    allocation = record["sparsity"]["allocation"]
+    assert allocation["owl_m"] == 3 and len(allocation["outlier_ratios"]) == 2
+    assert record["settings"]["sparsity_profile"] == "owl" and record["settings"]["owl_lambda"] == 0.05
+    assert json.loads(result.stdout)["overall_sparsity"] == pytest.approx(record["sparsity"]["overall"], abs=1e-4)
+
+
+def test_prune_with_a_sparsity_map_file(model_dir, text_file, tmp_path):
+    (tmp_path / "map.yaml").write_text("'*.mlp.down_proj': 0.75\n'model.layers.1.*': 0.25\n")
+    out = tmp_path / "out"
+    result = run("prune", model_dir("llama"), "-o", out, "--sparsity-map", tmp_path / "map.yaml", "--calib",
+                 text_file, "--nsamples", 4, "--seqlen", 16)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "wandamerge.json").read_text())
+    targets = record["sparsity"]["per_matrix_target"]
+    assert targets["model.layers.1.mlp.down_proj.weight"] == 0.75  # the first pattern that matches
+    assert targets["model.layers.1.self_attn.q_proj.weight"] == 0.25
+    assert targets["model.layers.0.self_attn.q_proj.weight"] == 0.5  # unmatched: --sparsity
+    w = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.down_proj.weight
+    assert torch.all((w == 0).sum(1) == w.shape[1] * 3 // 4)
+    (tmp_path / "bad.json").write_text('{"*.mlp.*": 1.0}')
+    result = run("prune", model_dir("llama"), "-o", tmp_path / "bad", "--sparsity-map", tmp_path / "bad.json")
+    assert result.exit_code == 2 and "'*.mlp.*': sparsity 1.0 is outside [0, 1)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_ppl_command_reports_perplexity(model_dir, text_file):
