@@ -19,7 +19,7 @@ from wandamerge.pruning import SparsityMap
 
 from conftest import VOCAB, linear_inputs, tiny_model, word_tokenizer
 from test_prune_end_to_end import inputs_of, linear_modules, naive_wanda_row_prune, out_in
-from test_streaming import assert_same_model
+from test_streaming import DISK_MAP, assert_same_model
 
 WINDOWS = torch.randint(3, VOCAB, (6, 24), generator=torch.Generator().manual_seed(5))
 
@@ -302,3 +302,25 @@ def test_owl_and_a_sparsity_map_on_a_mixture_of_experts_model():
 def test_expert_structure_refuses_the_allocation_settings():
     with pytest.raises(ConfigError, match="leave out sparsity_profile"):
         PruneConfig.of(model="unused", structure="experts", experts_kept=2, sparsity_profile="owl")
+
+
+def test_owl_with_blocks_placed_by_accelerate_on_disk_equals_the_plain_run(model_dir, text_file, tmp_path,
+                                                                            monkeypatch):
+    import hashlib
+
+    from wandamerge import loaders
+
+    stored, store = [], loaders._store
+    monkeypatch.setattr(loaders, "_store", lambda module, name, value: (stored.append(name),
+                                                                       store(module, name, value)))
+    src = model_dir("llama")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")}
+    plain = pruned(src, tmp_path / "plain", text_file, sparsity_profile="owl", owl_m=3.0)
+    placed = pruned(src, tmp_path / "placed", text_file, sparsity_profile="owl", owl_m=3.0, device_map=DISK_MAP,
+                    offload_folder=str(tmp_path / "offload"))
+    assert_same_model(tmp_path / "plain", tmp_path / "placed")
+    stores_with_owl = len(stored)
+    pruned(src, tmp_path / "uniform", text_file, device_map=DISK_MAP, offload_folder=str(tmp_path / "offload2"))
+    assert stores_with_owl == len(stored) - stores_with_owl > 0  # the dense pass wrote nothing back
+    assert placed["sparsity"] == plain["sparsity"] and len(set(plain["sparsity"]["per_block_target"])) == 2
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")} == before

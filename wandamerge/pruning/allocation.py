@@ -27,7 +27,7 @@ from ..core.allocation import OWL_LAMBDA, OWL_M, check_block_sparsities, outlier
 from ..core.scores import wanda_score
 from ..core.selection import check_sparsity
 from ..errors import ConfigError, lookup, short_repr
-from ..loaders import BlockLoader
+from ..loaders import BlockLoader, default_loader
 from ..models import decoder_blocks
 from ..runner import NORMS, InputStats, blockwise_pass
 from .methods import PruneTarget
@@ -47,7 +47,7 @@ class DenseScores(Protocol):
 @dataclass
 class DenseModelScores:
     """:class:`DenseScores` of a model about to be pruned: a calibration pass of the runner whose visitor
-    only collects (no weight changes), over the same blocks (``loader.read_only()``: nothing handed over or
+    only collects (no weight changes), over the same blocks (the loader's ``read_only()``: nothing handed over or
     written back). A block's scores are held until its last map is seen, then reduced to one number."""
 
     model: nn.Module
@@ -77,7 +77,7 @@ class DenseModelScores:
         blockwise_pass(self.model, self.windows, collect, needs={NORMS}, device=self.device,
                        batch_size=self.batch_size, within_block="sequential" if one_forward else "parallel",
                        progress=self.progress, desc="dense scores",
-                       loader=self.loader.read_only() if self.loader is not None else None,
+                       loader=(self.loader or default_loader(self.model, self.device)).read_only(),
                        all_experts=self.all_experts)
         measured += [measure(rest) for rest in scores[len(measured):]]
         return measured
