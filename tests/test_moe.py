@@ -283,3 +283,24 @@ def test_unsupported_moe_layouts_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(decoder_blocks(model)[0].mlp.experts, "has_post_expert_norm", True, raising=False)
     with pytest.raises(ModelError, match="MixtralExperts: experts with a norm after each expert"):
         prune(model, windows(), method="wanda", progress=False)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS + MORE_MOE_ARCHS)
+def test_in_memory_moe_is_saved_as_save_pretrained_saves_it(arch, tmp_path):
+    """The prune job writes an in-memory MoE model tensor by tensor (save_pretrained would clone every fused
+    expert tensor it splits): the same names, shapes and values as save_pretrained's own output."""
+    from conftest import tensors
+    from wandamerge.jobs.prune import prune_to_directory
+
+    source = tmp_path / "src"
+    tiny_moe_model(arch).save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
+    prune_to_directory(str(source), tmp_path / "ours", method="magnitude", sparsity=0.5, progress=False,
+                       low_memory=False)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    prune(model, None, method="magnitude", sparsity=0.5, progress=False)
+    model.save_pretrained(tmp_path / "theirs")
+    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ours")

@@ -424,6 +424,30 @@ def is_router_tensor(name: str, model_type: str | None) -> bool:
     return found is not None and "." in found[1] and is_router(found[1].rsplit(".", 1)[0])
 
 
+def has_fused_experts(model: nn.Module) -> bool:
+    return any(block_experts(block) for block in decoder_blocks(model))
+
+
+def saved_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's tensors as ``save_pretrained`` names and lays them out (:class:`CheckpointNames`), without
+    a copy: a fused expert parameter saved per expert split into views of it, a tied LM head left out.
+    (``save_pretrained`` itself clones every fused expert tensor it splits: an MoE model's memory, twice.)"""
+    saved, prefix, fused = CheckpointNames(model), block_prefix(model), {}
+    for index, block in enumerate(decoder_blocks(model)):
+        fused.update(block_fused_parameters(block, f"{prefix}.{index}"))
+    out = []
+    for name, tensor in model.state_dict().items():
+        if _is_tied_key(model, name):
+            continue
+        source = saved.source(name, fused.get(name))
+        if not source.stacked:
+            out.append((source.parts[0][0], tensor))
+            continue
+        for expert, parts in enumerate(source.parts):
+            out += zip(parts, tensor[expert].chunk(len(parts)))
+    return out
+
+
 def supported_architectures() -> str:
     return ", ".join(sorted(BLOCK_PATHS))
 

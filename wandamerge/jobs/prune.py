@@ -32,8 +32,8 @@ from ..io.dtypes import DTYPE_NAMES
 from ..io.record import StageClock, peak_memory, versions
 from ..io.safetensors import DEFAULT_SHARD_SIZE, ShardWriter
 from ..io.staging import check_output_dir, staged_output
-from ..loaders import StreamedModel, should_stream
-from ..models import load_model, load_tokenizer, parse_device_map, resolve_model
+from ..loaders import StreamedModel, is_dispatched, should_stream
+from ..models import has_fused_experts, load_model, load_tokenizer, parse_device_map, resolve_model, saved_tensors
 from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, ExpertPruneReport, PruneReport, PruneTarget,
                        SparsityMap, get_prune_method, get_sparsity_profile, prunable_moe_layers, prune, prune_experts)
 from ..pruning.allocation import Allocation, profile_options
@@ -417,8 +417,14 @@ def _start_streamed_output(streamed: StreamedModel, staged: Path, config: PruneC
 def _save(lm, tokenizer, staged: Path, config: PruneConfig, streamed: StreamedModel | None,
           writer: ShardWriter | None) -> None:
     """The model's files: the streamed shards closed and the config written beside them, or
-    ``save_pretrained`` of the model in memory."""
-    if streamed is not None:
+    ``save_pretrained`` of the model in memory (a mixture of experts: its tensors written one at a time in
+    the same layout, :func:`~wandamerge.models.saved_tensors`)."""
+    if streamed is None and has_fused_experts(lm) and not is_dispatched(lm):
+        tensors = saved_tensors(lm)
+        writer = ShardWriter(staged, [(n, tuple(t.shape), t.dtype) for n, t in tensors], config.max_shard_size)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+    if writer is not None:
         writer.close()
         lm.config.dtype = config.dtype
         lm.config.architectures = [type(lm).__name__]
