@@ -107,7 +107,7 @@ def write_model(out: Path, layers: int, seed: int = 0) -> None:
 def token_summary(record: dict) -> list[dict]:
     """Per layer: the tokens its experts saw (min, median, max) and how many saw none."""
     layers: dict[int, list[int]] = {}
-    for name, entry in record["experts"].items():
+    for name, entry in record["per_expert"].items():
         layers.setdefault(int(name.split(".")[2]), []).append(entry["tokens"])
     return [{"layer": layer, "experts": len(t), "min": min(t), "median": statistics.median(t), "max": max(t),
              "unrouted": sum(1 for x in t if x == 0)} for layer, t in sorted(layers.items())]

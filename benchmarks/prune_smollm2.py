@@ -60,6 +60,10 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-50-update": ["--method", "wanda", "--sparsity", "0.5", "--update"],
     "magnitude-tensor-2:4-update": ["--method", "magnitude", "--pattern", "2:4", "--update"],
     "wanda-2:4-update": ["--method", "wanda", "--pattern", "2:4", "--update"],
+    # past the paper: OWL's layer-wise allocation (its defaults, M 5 and lambda 0.08, untuned)
+    "wanda-60-owl": ["--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl"],
+    "wanda-70-owl": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl"],
+    "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--sparsity-profile", "owl"],
 }
 # robustness to calibration size: the first K of the 128 calibration windows
 for _k in (1, 4, 16, 64):
