@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.permutation import permute_inputs, permute_outputs
 from .errors import InputError, ModelError, short_repr
 from .io.dtypes import torch_dtype
 from .io.resolve import classify_model_argument, default_cache_dir, pypi_wheel_member
@@ -121,6 +122,17 @@ class LinearMap:
     @property
     def in_features(self) -> int:
         return self.weight.shape[1]
+
+    def reorder_inputs(self, order: torch.Tensor) -> None:
+        """Reorder the map's input channels in place: its input ``k`` becomes the old input ``order[k]``."""
+        self.set_weight(permute_inputs(self.weight, order))
+
+    def reorder_outputs(self, order: torch.Tensor) -> None:
+        """Reorder the map's outputs in place (weight rows and bias): output ``k`` becomes the old ``order[k]``."""
+        self.set_weight(permute_outputs(self.weight, order))
+        bias = getattr(self.module, "bias", None)
+        if bias is not None:
+            bias.data.copy_(permute_outputs(bias.data, order))
 
 
 @dataclass
@@ -483,6 +495,91 @@ def block_linears(block: nn.Module) -> list[LinearMap]:
 
 def block_prefix(model: nn.Module) -> str:
     return BLOCK_PATHS[model.config.model_type]
+
+
+# ----------------------------------------------------------------------------- input channels that may be reordered
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """``width`` input channels of a linear map (the consumer) that one permutation may reorder with the
+    block's function unchanged. They are made by earlier maps of the block, one output row each, starting at
+    every ``rows`` entry (producer map, first row), and nothing but the consumer reads them: elementwise
+    through an activation or a gate, or as values through attention. The consumer reads them at each of
+    its ``columns`` (first column of one copy; several where query heads share a value head)."""
+
+    width: int
+    columns: tuple[int, ...]
+    rows: tuple[tuple[str, int], ...]
+
+
+_LLAMA_MLP = ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"))
+_LLAMA_ATTENTION = ("self_attn.o_proj", "self_attn.v_proj", "values")
+# model_type -> (the MLP's last map, the maps whose output rows are its input channels: gate and up, or one
+# up map; a fused gate-and-up map is two copies, one per half)
+MLP_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite",
+                     "stablelm"), _LLAMA_MLP),
+    "phi3": ("mlp.down_proj", ("mlp.gate_up_proj",)),
+    "gpt2": ("mlp.c_proj", ("mlp.c_fc",)),
+    "opt": ("fc2", ("fc1",)),
+    "gpt_neox": ("mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),
+}
+# model_type -> (the attention's output map, the map making the values, where the values sit in its rows:
+# "values" (all its rows), "after_qk" (after every query and key row), "qkv_per_head" (q, k, v rows per head))
+ATTENTION_INPUTS: dict[str, tuple[str, str, str]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite",
+                     "stablelm"), _LLAMA_ATTENTION),
+    "phi3": ("self_attn.o_proj", "self_attn.qkv_proj", "after_qk"),
+    "gpt2": ("attn.c_proj", "attn.c_attn", "after_qk"),
+    "opt": ("self_attn.out_proj", "self_attn.v_proj", "values"),
+    "gpt_neox": ("attention.dense", "attention.query_key_value", "qkv_per_head"),
+}
+
+
+def permutable_inputs(block: nn.Module, config) -> dict[str, list[ChannelGroup]]:
+    """The maps of ``block`` whose input channels may be reordered, by name inside the block, with their
+    :class:`ChannelGroup` s: the MLP's last map (its hidden channels: the rows of the gate and up maps) and
+    the attention's output map (within every value head, the same order for every query head reading it:
+    the rows of that head's values). Empty for a family not in :data:`MLP_INPUTS`. The maps reading the
+    residual stream (queries, keys, values, gate, up) are not among them: their inputs are read by every
+    block and every norm weight, so no order of them stays inside one block."""
+    maps = {linear.name: linear for linear in block_linears(block)}
+    found = {}
+    if config.model_type in MLP_INPUTS:
+        down, ups = MLP_INPUTS[config.model_type]
+        width = maps[down].in_features
+        rows = tuple((up, copy * width) for up in ups for copy in range(_copies(maps[up], width)))
+        found[down] = [ChannelGroup(width, (0,), rows)]
+    if config.model_type in ATTENTION_INPUTS:
+        out, values, layout = ATTENTION_INPUTS[config.model_type]
+        found[out] = _value_heads(maps[out], maps[values], layout, config.num_attention_heads)
+    return found
+
+
+def _value_heads(out: LinearMap, values: LinearMap, layout: str, heads: int) -> list[ChannelGroup]:
+    """One :class:`ChannelGroup` per value head: its ``head_dim`` rows of ``values`` (where ``layout`` puts
+    them), read at the columns of ``out`` of every query head sharing it (query head q reads value head
+    ``q // (heads // kv_heads)``, as transformers' ``repeat_kv``). The value heads are counted from the rows."""
+    head_dim, rows = out.in_features // heads, values.weight.shape[0]
+    kv_heads = {"values": rows // head_dim, "after_qk": (rows - heads * head_dim) // (2 * head_dim),
+                "qkv_per_head": rows // (3 * head_dim)}[layout]
+    first = {"values": lambda h: h * head_dim, "after_qk": lambda h: (heads + kv_heads + h) * head_dim,
+             "qkv_per_head": lambda h: (3 * h + 2) * head_dim}[layout]
+    if not kv_heads or heads % kv_heads or head_dim * heads != out.in_features or first(kv_heads - 1) + head_dim > rows:
+        raise ModelError(f"{out.name} ({out.in_features} inputs) and {values.name} ({rows} outputs) are not "
+                         f"{heads} query heads sharing value heads of equal width")
+    shared = heads // kv_heads
+    return [ChannelGroup(head_dim, tuple(q * head_dim for q in range(h * shared, (h + 1) * shared)),
+                         ((values.name, first(h)),)) for h in range(kv_heads)]
+
+
+def _copies(producer: LinearMap, width: int) -> int:
+    """How many copies of ``width`` channels the rows of ``producer`` hold (2 for a fused gate-and-up map)."""
+    rows = producer.weight.shape[0]
+    if rows % width:
+        raise ModelError(f"{producer.name} has {rows} outputs, not a multiple of the {width} channels it makes")
+    return rows // width
 
 
 # ----------------------------------------------------------------------------- checkpoints by tensor name
