@@ -64,6 +64,12 @@ class InputStats:
         if other.abs_sums is not None:
             self.abs_sums = other.abs_sums if self.abs_sums is None else self.abs_sums + other.abs_sums
 
+    def reordered(self, order: torch.Tensor) -> "InputStats":
+        """The statistics of the same inputs with their channels reordered: channel ``k`` is the old ``order[k]``."""
+        pick = (lambda t: None if t is None else t[order.to(t.device)])
+        gram = None if self.gram is None else self.gram[order.to(self.gram.device)][:, order.to(self.gram.device)]
+        return InputStats(self.tokens, pick(self.sq_norms), gram, pick(self.abs_sums))
+
 
 def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
     """Statistics of one batch of inputs ``x`` (..., in), accumulated in float32."""
@@ -88,8 +94,11 @@ def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
     return stats
 
 
-# A visitor gets (block index, linear map or an expert's map, statistics of its inputs or None).
-Visitor = Callable[[int, "LinearMap | ExpertMap", "InputStats | None"], None]
+# A visitor gets (block index, linear map or an expert's map, statistics of its inputs or None). It may reorder
+# the map's input channels (and the rows of the maps making them, :mod:`wandamerge.pruning.permutation`); it
+# then returns the new order (input k is the old input order[k]), and the sequential order feeds the map the
+# input it already caught in that order. Otherwise it returns None.
+Visitor = Callable[[int, "LinearMap | ExpertMap", "InputStats | None"], "torch.Tensor | None"]
 
 
 # ----------------------------------------------------------------------------- the inputs of fused experts
@@ -289,13 +298,15 @@ class BlockMaps:
         return [m for experts in self.experts for m in experts.all_maps()]
 
 
-def _timed_visit(visit: Visitor, index: int, linear, stats: InputStats, timings: PassTimings, device) -> None:
+def _timed_visit(visit: Visitor, index: int, linear, stats: InputStats, timings: PassTimings,
+                 device) -> torch.Tensor | None:
     check_finite(index, linear, stats)
     _sync(device)
     t0 = time.perf_counter()
-    visit(index, linear, stats)
+    order = visit(index, linear, stats)
     _sync(device)
     timings.visit_s += time.perf_counter() - t0
+    return order
 
 
 def _sequential_block(index, block, maps: BlockMaps, inputs, visit, needs, timings, device):
@@ -312,7 +323,9 @@ def _sequential_block(index, block, maps: BlockMaps, inputs, visit, needs, timin
             x = args[0]
             if last["x"] is not x:  # maps fed by the same tensor (q, k, v) share statistics
                 last["x"], last["stats"] = x, input_stats(x, needs)
-            _timed_visit(visit, index, linear, last["stats"], timings, device)
+            order = _timed_visit(visit, index, linear, last["stats"], timings, device)
+            if order is not None:  # the map's inputs were reordered: this input too (made before, in the old order)
+                return (x.index_select(-1, order.to(x.device)), *args[1:])
         return hook
 
     def make_experts_hook(experts: FusedExperts):

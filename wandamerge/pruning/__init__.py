@@ -12,20 +12,23 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..loaders import BlockLoader
-from ..models import ExpertMap, LinearMap, block_experts, block_linears, block_prefix, decoder_blocks
+from ..models import (ExpertMap, LinearMap, block_experts, block_linears, block_prefix, decoder_blocks,
+                      permutable_inputs)
 from ..runner import InputStats, blockwise_pass
 from .allocation import (SPARSITY_PROFILES, Allocation, DenseModelScores, SparsityMap, get_sparsity_profile,
                          register_sparsity_profile)
 from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunable_moe_layers, prune_experts,
                       register_expert_score)
-from .methods import PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method
+from .methods import (PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method,
+                      register_score_method)
+from .permutation import check_permutable, reorder_for_nm
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
-           "SparsityMap", "get_expert_score", "get_prune_method", "get_sparsity_profile", "keep_mask",
-           "prunable_moe_layers", "prune", "prune_experts", "prune_weight", "register_expert_score",
-           "register_prune_method", "register_sparsity_profile"]
+           "SparsityMap", "check_permutable", "get_expert_score", "get_prune_method", "get_sparsity_profile",
+           "keep_mask", "prunable_moe_layers", "prune", "prune_experts", "prune_weight", "register_expert_score",
+           "register_prune_method", "register_score_method", "register_sparsity_profile"]
 
 
 @dataclass
@@ -51,10 +54,10 @@ class PruneReport:
 
 
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: str = "wanda",
-          sparsity: float = 0.5, pattern: str | None = None, group: str = "row", variant: bool = False,
-          update: bool = False, device: str | torch.device = "cpu", batch_size: int | None = None,
-          within_block: str = "sequential", blocksize: int = 128, percdamp: float = 0.01,
-          progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False,
+          sparsity: float = 0.5, pattern: str | None = None, group: str | None = None, variant: bool = False,
+          update: bool = False, permute: bool = False, device: str | torch.device = "cpu",
+          batch_size: int | None = None, within_block: str = "sequential", blocksize: int = 128,
+          percdamp: float = 0.01, progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False,
           sparsity_profile: str = "uniform", sparsity_map: dict[str, float] | None = None,
           **profile_options: float) -> PruneReport:
     """Prune every linear map in the decoder blocks of ``model`` in place.
@@ -71,12 +74,18 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     or a ``sparsity_map`` of module-name patterns -> sparsity (the first match wins;
     unmatched maps get ``sparsity``).
 
+    ``group`` defaults to the method's own (:attr:`PruneMethod.group`). With an
+    N:M ``pattern``, ``permute`` reorders the input channels of the maps that allow
+    it before their masks are decided, folded into the maps making those channels
+    (:mod:`.permutation`); the model computes what it did before pruning.
+
     Fused MoE experts are pruned expert by expert, each on the tokens the
     router sends it (every token with ``all_experts``); routers are never pruned.
     """
     prune_method = get_prune_method(method)
-    target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group, variant=variant,
-                         update=update, blocksize=blocksize, percdamp=percdamp)
+    target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group or prune_method.group, variant=variant,
+                         update=update, blocksize=blocksize, percdamp=percdamp, permute=permute)
+    prune_method.check(target)
     allocation = Allocation.of(target, sparsity_profile, profile_options, sparsity_map)
     needs = prune_method.needs_for(target)
     if (needs or allocation.needs) and calibration is None:
@@ -85,6 +94,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     prefix = block_prefix(model)
     if target.nm:
         _check_widths(blocks, target.nm[1])
+    movable = check_permutable(blocks[0], model.config, target.nm[1]) if target.permute else {}
     _check_finite_weights(model)
     _warn_unmatched(allocation, model)
 
@@ -94,11 +104,17 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     t_planned = time.perf_counter()
     tally = _Tally(prefix)
 
-    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> None:
+    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> torch.Tensor | None:
         own = allocation.target_of(target, planned.sparsities[index], f"{prefix}.{index}.{linear.name}")
+        order = None
+        if linear.name in movable:  # reordered first: the mask is decided in the new order
+            groups = permutable_inputs(blocks[index], model.config)[linear.name]
+            order = reorder_for_nm(blocks[index], linear, groups, prune_method.score(linear.weight, stats), *own.nm)
+            stats = stats.reordered(order) if stats is not None else None
         new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, own)
         linear.set_weight(new_weight.to(linear.weight.dtype))
         tally.add(index, linear, stats, own.expected_sparsity)
+        return order
 
     timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
                              batch_size=batch_size, within_block=within_block, progress=progress,

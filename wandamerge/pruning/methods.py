@@ -2,8 +2,9 @@
 
 A method turns one weight ``(out, in)`` into a pruned weight and its keep-mask
 (True = kept, :mod:`wandamerge.core.selection`). Adding a method is one
-decorated function; :meth:`PruneMethod.needs_for` tells the runner which input
-statistics to collect.
+decorated function: a score (:func:`register_score_method`: the mask keeps the
+highest scores) or a whole solver (:func:`register_prune_method`);
+:meth:`PruneMethod.needs_for` tells the runner which input statistics to collect.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..core.scores import magnitude_score, wanda_score
+from ..core.scores import magnitude_score, ria_score, wanda_score
 from ..core.selection import (check_group, check_sparsity, cumulative_alpha_keep, keep_after_pruning, keep_n_of_m,
                               parse_pattern)
 from ..core.sparsegpt import sparsegpt_prune
@@ -32,12 +33,15 @@ class PruneTarget:
     update: bool = False  # least-squares update of the kept weights
     blocksize: int = 128  # SparseGPT's lazy-update block of columns
     percdamp: float = 0.01  # SparseGPT's dampening, a fraction of the mean diagonal of X^T X
+    permute: bool = False  # reorder input channels before an N:M mask (RIA's channel permutation)
 
     def __post_init__(self):
         if self.pattern is not None:
             parse_pattern(self.pattern)
         else:
             check_sparsity(self.sparsity)
+        if self.permute and self.pattern is None:
+            raise ConfigError("--permute reorders input channels for an N:M pattern; give --pattern (e.g. 2:4)")
         check_group(self.group)
         if self.variant and (self.pattern or self.group != "row"):
             raise ConfigError("the cumulative-score variant applies to unstructured per-row pruning only")
@@ -81,6 +85,7 @@ def prune_weight(weight: torch.Tensor, keep: torch.Tensor, stats: InputStats | N
 
 
 PruneFn = Callable[[torch.Tensor, "InputStats | None", PruneTarget], "tuple[torch.Tensor, torch.Tensor]"]
+ScoreFn = Callable[[torch.Tensor, "InputStats | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,43 @@ class PruneMethod:
     needs: frozenset[str]  # statistics of the inputs the method uses
     fn: PruneFn
     doc: str
+    score: ScoreFn | None = None  # the score its masks keep the highest of; None: a solver that decides its own
+    group: str = "row"  # the comparison group of its unstructured masks when none is asked for
 
     def needs_for(self, target: PruneTarget) -> frozenset[str]:
         return self.needs | ({GRAM} if target.update else set())
+
+    def check(self, target: PruneTarget) -> None:
+        """Refuse a target this method cannot serve: a channel permutation needs a score to reorder by."""
+        if target.permute and self.score is None:
+            scored = ", ".join(sorted(name for name, method in PRUNE_METHODS.items() if method.score))
+            raise ConfigError(f"--permute reorders channels by a score; {self.name} decides its mask while it "
+                              f"updates the weights: use {scored} (with --update for a least-squares refit)")
 
 
 PRUNE_METHODS: dict[str, PruneMethod] = {}
 
 
 def register_prune_method(name: str, needs: tuple[str, ...] = ()):
+    """Decorator: a method that decides its mask and weights itself, ``fn(weight, stats, target)``."""
     def decorate(fn: PruneFn) -> PruneFn:
         PRUNE_METHODS[name] = PruneMethod(name, frozenset(needs), fn, (fn.__doc__ or "").strip())
         return fn
+    return decorate
+
+
+def register_score_method(name: str, needs: tuple[str, ...] = (), group: str = "row"):
+    """Decorator: a method made of a score, ``score(weight, stats)``: its mask keeps the highest scores under
+    the target (:func:`keep_mask`), in ``group`` unless the target names one, and the weights are pruned by
+    :func:`prune_weight`."""
+    check_group(group)
+
+    def decorate(score: ScoreFn) -> ScoreFn:
+        def fn(weight, stats, target):
+            keep = keep_mask(score(weight, stats), target)
+            return prune_weight(weight, keep, stats, target), keep
+        PRUNE_METHODS[name] = PruneMethod(name, frozenset(needs), fn, (score.__doc__ or "").strip(), score, group)
+        return score
     return decorate
 
 
@@ -108,18 +138,23 @@ def get_prune_method(name: str) -> PruneMethod:
     return lookup(PRUNE_METHODS, "pruning method", name)
 
 
-@register_prune_method("magnitude")
-def magnitude(weight, stats, target):
+@register_score_method("magnitude")
+def magnitude(weight, stats):
     """|W|, compared per row or per tensor (the classic baseline)."""
-    keep = keep_mask(magnitude_score(weight), target)
-    return prune_weight(weight, keep, stats, target), keep
+    return magnitude_score(weight)
 
 
-@register_prune_method("wanda", needs=(NORMS,))
-def wanda(weight, stats, target):
+@register_score_method("wanda", needs=(NORMS,))
+def wanda(weight, stats):
     """|W_ij| * ||X_j||_2 (Sun et al., 2023), compared per output row by default."""
-    keep = keep_mask(wanda_score(weight, stats.sq_norms), target)
-    return prune_weight(weight, keep, stats, target), keep
+    return wanda_score(weight, stats.sq_norms)
+
+
+@register_score_method("ria", needs=(NORMS,), group="tensor")
+def ria(weight, stats):
+    """(|W_ij| / sum_row |W| + |W_ij| / sum_col |W|) * ||X_j||_2 ** 0.5 (Zhang et al., 2024), compared per
+    tensor by default (its official code; --group row is its per-output variant)."""
+    return ria_score(weight, stats.sq_norms)
 
 
 @register_prune_method("sparsegpt", needs=(GRAM,))
