@@ -33,9 +33,11 @@ from ..io.record import StageClock, peak_memory, versions
 from ..io.safetensors import DEFAULT_SHARD_SIZE, ShardWriter
 from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, is_dispatched, should_stream
-from ..models import has_fused_experts, load_model, load_tokenizer, parse_device_map, resolve_model, saved_tensors
+from ..models import (decoder_blocks, has_fused_experts, load_model, load_tokenizer, parse_device_map, resolve_model,
+                      saved_tensors)
 from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, ExpertPruneReport, PruneReport, PruneTarget,
-                       SparsityMap, get_prune_method, get_sparsity_profile, prunable_moe_layers, prune, prune_experts)
+                       SparsityMap, check_permutable, get_prune_method, get_sparsity_profile, prunable_moe_layers,
+                       prune, prune_experts)
 from ..pruning.allocation import Allocation, profile_options
 from ..recipe import expand_home, validated
 from ..runner import WITHIN_BLOCK_ORDERS
@@ -43,7 +45,7 @@ from ..runner import WITHIN_BLOCK_ORDERS
 log = logging.getLogger(__name__)
 
 STRUCTURES = ("none", "experts")  # what a prune removes: weights inside the linear maps, or whole experts
-WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "within_block",
+WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "permute", "within_block",
                    "calibrate_all_experts", "sparsity_profile", "sparsity_map", *profile_options())
 EXPERT_SETTINGS = ("experts_kept", "expert_score")
 
@@ -57,9 +59,17 @@ class PruneConfig(BaseModel):
     sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1).")
     pattern: Union[str, None] = Field(PruneTarget.pattern, description="N:M semi-structured pattern, e.g. 2:4 (overrides "
                                                         "--sparsity).")
-    group: Literal[GROUPS] = Field(PruneTarget.group, description="Comparison group for unstructured masks.")
+    group: Union[Literal[GROUPS], None] = Field(None, description="Comparison group for unstructured masks "
+                                                                  "[default: the method's: tensor for ria, as "
+                                                                  "its official code; row for the others].")
     variant: bool = Field(PruneTarget.variant, description="Wanda's cumulative-score alpha search (per-row, unstructured).")
-    update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights (wanda/magnitude).")
+    update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights "
+                                                         "(ria/wanda/magnitude).")
+    permute: bool = Field(PruneTarget.permute, description="With --pattern N:M: reorder the input channels of "
+                                                           "the MLP's down map and the attention's output map "
+                                                           "(and the rows making them) so that the mask keeps "
+                                                           "more score (RIA's channel permutation; any scored "
+                                                           "method). The saved model computes the same.")
     sparsity_profile: str = Field("uniform", description=f"How the unstructured sparsity is shared among the "
                                                          f"decoder blocks: {', '.join(sorted(SPARSITY_PROFILES))} "
                                                          f"(owl: blocks with more Wanda-score outliers pruned "
@@ -174,8 +184,11 @@ class PruneConfig(BaseModel):
 
     def target(self) -> PruneTarget:
         """What to prune and in what shape (checked)."""
-        return PruneTarget(sparsity=self.sparsity, pattern=self.pattern, group=self.group, variant=self.variant,
-                           update=self.update)
+        method = get_prune_method(self.method)
+        target = PruneTarget(sparsity=self.sparsity, pattern=self.pattern, group=self.group or method.group,
+                             variant=self.variant, update=self.update, permute=self.permute)
+        method.check(target)
+        return target
 
     def allocation(self) -> Allocation:
         """How the sparsity is shared among blocks and maps (checked; a profile's option given for another
@@ -262,9 +275,15 @@ def _method_calibrates(config: PruneConfig) -> bool:
     return bool(get_prune_method(config.method).needs_for(config.target()) | config.allocation().needs)
 
 
+def _check_weights(config: PruneConfig, lm) -> None:
+    if config.permute:
+        check_permutable(decoder_blocks(lm)[0], lm.config, config.target().nm[1])
+
+
 def _prune_weights(config: PruneConfig, lm, calibration, progress: bool, loader) -> PruneReport:
     return prune(lm, calibration, method=config.method, sparsity=config.sparsity, pattern=config.pattern,
-                 group=config.group, variant=config.variant, update=config.update, device=config.device,
+                 group=config.group, variant=config.variant, update=config.update, permute=config.permute,
+                 device=config.device,
                  batch_size=config.batch_size, within_block=config.within_block, progress=progress, loader=loader,
                  all_experts=config.calibrate_all_experts, sparsity_profile=config.sparsity_profile,
                  sparsity_map=config.sparsity_map, **config.profile_values())
@@ -272,6 +291,7 @@ def _prune_weights(config: PruneConfig, lm, calibration, progress: bool, loader)
 
 def _weights_record(config: PruneConfig, report: PruneReport) -> tuple[dict, dict]:
     settings = {"sparsity": report.target["sparsity"] if not config.pattern else None,
+                "group": report.target["group"],
                 "within_block": report.within_block,
                 **{name: None for name in profile_options() if name not in config.profile_values()}}
     results = {"sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
@@ -303,6 +323,8 @@ def _experts_record(config: PruneConfig, report: ExpertPruneReport) -> tuple[dic
 def _weights_card(record: dict) -> dict[str, str]:
     s = record["settings"]
     shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
+    if s.get("permute"):
+        shape += " with input channels reordered first (RIA's channel permutation, folded into the weights)"
     if s.get("sparsity_map") is not None:
         shape += ", per-module sparsities from a sparsity map"
     elif get_sparsity_profile(s.get("sparsity_profile", "uniform")).uneven:
@@ -339,7 +361,7 @@ class Step:
 
 
 STEPS: dict[str, Step] = {  # one per structure (:data:`STRUCTURES`)
-    "none": Step(_method_calibrates, True, lambda config, lm: None, _prune_weights, _weights_record, EXPERT_SETTINGS,
+    "none": Step(_method_calibrates, True, _check_weights, _prune_weights, _weights_record, EXPERT_SETTINGS,
                  _weights_card),
     "experts": Step(lambda config: True, False, _check_experts, _drop_experts, _experts_record, WEIGHT_SETTINGS,
                     _experts_card),
