@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 NORMS = "norms"  # per-input-channel sum of x_j ** 2 (Wanda)
 GRAM = "gram"  # X^T X summed over tokens (SparseGPT, weight update)
 ABS = "abs"  # per-input-channel sum of |x_j| (AIM)
+MOMENTS = "moments"  # per-input-channel mean of x_j and sum of squared deviations from it (FLAP's fluctuation)
 
 WITHIN_BLOCK_ORDERS = ("sequential", "parallel")
 _TOKEN_CHUNK = 8192  # statistics are accumulated over at most this many tokens at a time
@@ -54,8 +55,12 @@ class InputStats:
     sq_norms: torch.Tensor | None = None  # (in,) sum over tokens of x_j ** 2
     gram: torch.Tensor | None = None  # (in, in) sum over tokens of x x^T
     abs_sums: torch.Tensor | None = None  # (in,) sum over tokens of |x_j|
+    means: torch.Tensor | None = None  # (in,) float64, mean over tokens of x_j
+    m2: torch.Tensor | None = None  # (in,) float64, sum over tokens of (x_j - mean_j) ** 2
 
     def add(self, other: "InputStats") -> None:
+        if other.means is not None:
+            self.means, self.m2 = pooled_moments(self.tokens, self.means, self.m2, other.tokens, other.means, other.m2)
         self.tokens += other.tokens
         if other.sq_norms is not None:
             self.sq_norms = other.sq_norms if self.sq_norms is None else self.sq_norms + other.sq_norms
@@ -71,8 +76,19 @@ class InputStats:
         return InputStats(self.tokens, pick(self.sq_norms), gram, pick(self.abs_sums))
 
 
+def pooled_moments(n_a: int, mean_a: torch.Tensor | None, m2_a: torch.Tensor | None, n_b: int, mean_b: torch.Tensor,
+                   m2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sum of squared deviations) of two sets of ``n_a`` and ``n_b`` tokens pooled (Chan et al.'s update:
+    no sum of squares minus a squared sum, which cancels in floating point)."""
+    if mean_a is None or n_a == 0:
+        return mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta ** 2 * (n_a * n_b / n)
+
+
 def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
-    """Statistics of one batch of inputs ``x`` (..., in), accumulated in float32."""
+    """Statistics of one batch of inputs ``x`` (..., in), accumulated in float32 (the moments in float64)."""
     needs = set(needs)
     flat = x.detach().reshape(-1, x.shape[-1])
     stats = InputStats(tokens=flat.shape[0])
@@ -91,6 +107,11 @@ def input_stats(x: torch.Tensor, needs: Iterable[str]) -> InputStats:
             stats.abs_sums += chunk.abs().sum(0)
         if stats.gram is not None:
             stats.gram.addmm_(chunk.T, chunk)
+        if MOMENTS in needs:
+            mean = chunk.mean(0)
+            m2 = ((chunk - mean) ** 2).sum(0)
+            stats.means, stats.m2 = pooled_moments(start, stats.means, stats.m2, chunk.shape[0], mean.double(),
+                                                   m2.double())
     return stats
 
 
@@ -271,14 +292,17 @@ def _unseen_stats(linear, needs: set[str], warn: bool = True) -> InputStats:
     device = linear.weight.device
     if warn:
         log.warning("%s saw no calibration tokens; its statistics are zero", linear.name)
+    moments = MOMENTS in needs
     return InputStats(0, torch.zeros(width, device=device) if NORMS in needs else None,
                       torch.zeros(width, width, device=device) if GRAM in needs else None,
-                      torch.zeros(width, device=device) if ABS in needs else None)
+                      torch.zeros(width, device=device) if ABS in needs else None,
+                      torch.zeros(width, dtype=torch.float64, device=device) if moments else None,
+                      torch.zeros(width, dtype=torch.float64, device=device) if moments else None)
 
 
 def check_finite(index: int, linear: LinearMap, stats: InputStats) -> None:
     """Refuse activations holding NaN or Inf (or whose squares overflow): no score can be made from them."""
-    for value in (stats.sq_norms, stats.gram, stats.abs_sums):
+    for value in (stats.sq_norms, stats.gram, stats.abs_sums, stats.means, stats.m2):
         if value is not None and not torch.isfinite(value).all():
             low = linear.weight.dtype in (torch.float16, torch.bfloat16)
             hint = "compute in float32 (--dtype float32)" if low else f"check the weights of blocks 0 to {index}"
