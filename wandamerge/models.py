@@ -582,6 +582,59 @@ def _copies(producer: LinearMap, width: int) -> int:
     return rows // width
 
 
+# ----------------------------------------------------------------------------- what width pruning cuts
+
+
+@dataclass(frozen=True)
+class WidthLayout:
+    """Where structured width pruning finds the attention and the MLP of one family's dense decoder block, and
+    the config flag, if any, that gives a part's output map a bias (and with it every map of the part: Llama's
+    ``attention_bias``, ``mlp_bias``), which is what the bias compensation needs to be saved as a standard
+    model. The attention's heads have ``config.head_dim`` channels (or ``hidden_size / num_attention_heads``)."""
+
+    attention_bias: str | None = None
+    mlp_bias: str | None = None
+    attention: str = "self_attn"
+    queries: str = "q_proj"
+    keys: str = "k_proj"
+    values: str = "v_proj"
+    output: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def attention_maps(self) -> dict[str, str]:
+        """Role (queries, keys, values, output) -> the map's name inside the block."""
+        return {role: f"{self.attention}.{getattr(self, role)}" for role in ("queries", "keys", "values", "output")}
+
+    def mlp_maps(self) -> dict[str, str]:
+        """Role (gate, up, down) -> the map's name inside the block."""
+        return {role: f"{self.mlp}.{getattr(self, role)}" for role in ("gate", "up", "down")}
+
+
+WIDTH_LAYOUTS: dict[str, WidthLayout] = {
+    "llama": WidthLayout(attention_bias="attention_bias", mlp_bias="mlp_bias"),
+    "mistral": WidthLayout(),  # no bias flag
+    "qwen2": WidthLayout(),  # q, k and v always have a bias, o_proj and the MLP never
+    "qwen3": WidthLayout(attention_bias="attention_bias"),  # its q/k norms act on one head_dim: shared by all heads
+}
+
+
+def width_layout(model: nn.Module) -> WidthLayout:
+    """The :class:`WidthLayout` of ``model``'s family; any other family is refused in one line."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in WIDTH_LAYOUTS:
+        raise ModelError(f"width pruning supports {', '.join(WIDTH_LAYOUTS)} models, not {model_type!r} "
+                         f"({type(model).__name__})")
+    return WIDTH_LAYOUTS[model_type]
+
+
+def config_head_dim(config) -> int:
+    """The channels of one attention head: ``head_dim`` where the config sets it, else hidden / heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 # ----------------------------------------------------------------------------- checkpoints by tensor name
 
 
