@@ -1,5 +1,6 @@
 """Pruning a model in place: every linear map of its decoder blocks, by a registered method, through the runner;
-or whole experts of a mixture-of-experts model (:func:`prune_experts`, :mod:`.experts`)."""
+or whole experts of a mixture-of-experts model (:func:`prune_experts`, :mod:`.experts`); or whole attention
+heads and MLP channels (:func:`prune_width`, :mod:`.width`)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunab
 from .methods import (PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method,
                       register_score_method)
 from .permutation import check_permutable, reorder_for_nm
+from .width import WIDTH_SCORES, WidthPruneReport, get_width_score, prune_width, register_width_score, width_setup
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
-           "SparsityMap", "check_permutable", "get_expert_score", "get_prune_method", "get_sparsity_profile",
-           "keep_mask", "prunable_moe_layers", "prune", "prune_experts", "prune_weight", "register_expert_score",
-           "register_prune_method", "register_score_method", "register_sparsity_profile"]
+           "SparsityMap", "WIDTH_SCORES", "WidthPruneReport", "check_permutable", "get_expert_score",
+           "get_prune_method", "get_sparsity_profile", "get_width_score", "keep_mask", "prunable_moe_layers", "prune",
+           "prune_experts", "prune_weight", "prune_width", "register_expert_score", "register_prune_method",
+           "register_score_method", "register_sparsity_profile", "register_width_score", "width_setup"]
 
 
 @dataclass
