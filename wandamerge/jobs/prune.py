@@ -7,7 +7,9 @@ options from it, a run recipe's ``prune:`` section is one, and the Python API
 What goes is the config's ``structure``: ``none`` zeroes weights inside the
 linear maps (``method``, ``sparsity`` or ``pattern``), ``experts`` drops whole
 experts of a mixture-of-experts model (``experts_kept`` in every layer, chosen
-by ``expert_score``), which makes the saved model smaller.
+by ``expert_score``), ``width`` removes whole attention heads and MLP channels
+(``sparsity`` of the decoder blocks' parameters, chosen by ``width_score``);
+the last two make the saved model smaller.
 """
 
 from __future__ import annotations
@@ -35,19 +37,21 @@ from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, is_dispatched, should_stream
 from ..models import (decoder_blocks, has_fused_experts, load_model, load_tokenizer, parse_device_map, resolve_model,
                       saved_tensors)
-from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, ExpertPruneReport, PruneReport, PruneTarget,
-                       SparsityMap, check_permutable, get_prune_method, get_sparsity_profile, prunable_moe_layers,
-                       prune, prune_experts)
+from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, WIDTH_SCORES, ExpertPruneReport, PruneReport,
+                       PruneTarget, SparsityMap, WidthPruneReport, check_permutable, get_prune_method,
+                       get_sparsity_profile, prunable_moe_layers, prune, prune_experts, prune_width, width_setup)
 from ..pruning.allocation import Allocation, profile_options
 from ..recipe import expand_home, validated
 from ..runner import WITHIN_BLOCK_ORDERS
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = ("none", "experts")  # what a prune removes: weights inside the linear maps, or whole experts
+# what a prune removes: weights inside the linear maps, whole experts, or whole heads and MLP channels
+STRUCTURES = ("none", "experts", "width")
 WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "permute", "within_block",
                    "calibrate_all_experts", "sparsity_profile", "sparsity_map", *profile_options())
 EXPERT_SETTINGS = ("experts_kept", "expert_score")
+WIDTH_SETTINGS = ("width_score", "bias_compensation")  # and sparsity, shared with structure none
 
 
 class PruneConfig(BaseModel):
@@ -86,12 +90,20 @@ class PruneConfig(BaseModel):
                                                            "calibration token, not only the tokens routed to it "
                                                            "(the block's outputs still follow the router).")
     structure: Literal[STRUCTURES] = Field("none", description="What goes: none (weights inside the linear maps, "
-                                                               "by --method) or experts (whole experts of a "
-                                                               "mixture-of-experts model: --experts-kept).")
+                                                               "by --method), experts (whole experts of a "
+                                                               "mixture-of-experts model: --experts-kept) or "
+                                                               "width (whole attention heads and MLP channels: "
+                                                               "--sparsity of the decoder blocks' parameters).")
     experts_kept: Union[int, None] = Field(None, description="--structure experts: experts kept in every MoE "
                                                              "layer (at least the experts per token).")
     expert_score: str = Field("reap", description=f"--structure experts: what experts are kept by: "
                                                   f"{', '.join(sorted(EXPERT_SCORES))}.")
+    width_score: str = Field("flap", description=f"--structure width: what heads and channels are kept by: "
+                                                 f"{', '.join(sorted(WIDTH_SCORES))}.")
+    bias_compensation: Union[bool, None] = Field(None, description="--structure width: FLAP's baseline bias on "
+                                                                   "o_proj and down_proj (the removed channels' "
+                                                                   "mean contribution) [default: on where the "
+                                                                   "model's config can carry the bias].")
     calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
                                            "TOKENS.npy")
     nsamples: int = Field(128, description="Calibration windows.")
@@ -159,6 +171,8 @@ class PruneConfig(BaseModel):
         if self.expert_score not in EXPERT_SCORES:
             raise ValueError(f"unknown expert score {self.expert_score!r}"
                              f"{did_you_mean(self.expert_score, EXPERT_SCORES)}")
+        if self.width_score not in WIDTH_SCORES:
+            raise ValueError(f"unknown width score {self.width_score!r}{did_you_mean(self.width_score, WIDTH_SCORES)}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
         self.target()
@@ -167,19 +181,25 @@ class PruneConfig(BaseModel):
         return self
 
     def _check_structure(self) -> None:
-        """Settings given for the other structure are refused, not silently ignored."""
+        """Settings given for another structure are refused, not silently ignored."""
         given = self.model_fields_set
-        if self.structure != "experts":
-            if extra := [name for name in EXPERT_SETTINGS if name in given]:
-                raise ValueError(f"only structure 'experts' uses {' and '.join(extra)}")
+        for structure, settings in (("experts", EXPERT_SETTINGS), ("width", WIDTH_SETTINGS)):
+            if self.structure != structure and (extra := [name for name in settings if name in given]):
+                raise ValueError(f"only structure '{structure}' uses {' and '.join(extra)}")
+        if self.structure == "none":
             return
-        if self.experts_kept is None:
+        if self.structure == "experts" and self.experts_kept is None:
             raise ValueError("structure 'experts' needs experts_kept: the experts kept in every MoE layer")
-        if clash := [name for name in WEIGHT_SETTINGS if name in given]:
-            raise ValueError(f"structure 'experts' drops whole experts and prunes no weights; leave out "
+        if self.structure == "width" and "sparsity" not in given:
+            raise ValueError("structure 'width' needs sparsity: the share of the decoder blocks' parameters "
+                             "removed")
+        what = {"experts": "drops whole experts", "width": "removes whole heads and channels"}[self.structure]
+        own = ("sparsity",) if self.structure == "width" else ()
+        if clash := [name for name in WEIGHT_SETTINGS if name in given and name not in own]:
+            raise ValueError(f"structure '{self.structure}' {what} and prunes no weights; leave out "
                              f"{', '.join(clash)}")
         if self.low_memory or self.device_map is not None:
-            raise ValueError("structure 'experts' rebuilds the model's MoE modules in memory; leave out "
+            raise ValueError(f"structure '{self.structure}' rebuilds the model's modules in memory; leave out "
                              "low_memory and device_map")
 
     def target(self) -> PruneTarget:
@@ -320,6 +340,24 @@ def _experts_record(config: PruneConfig, report: ExpertPruneReport) -> tuple[dic
     return {}, {"experts": experts, "parameters": report.parameters}
 
 
+def _check_width(config: PruneConfig, lm) -> None:
+    width_setup(lm, config.sparsity, config.bias_compensation)
+
+
+def _cut_width(config: PruneConfig, lm, calibration, progress: bool, loader) -> WidthPruneReport:
+    """Heads and channels are cut from the model in memory (``loader`` is None: this structure does not stream)."""
+    return prune_width(lm, calibration, sparsity=config.sparsity, score=config.width_score,
+                       bias_compensation=config.bias_compensation, device=config.device,
+                       batch_size=config.batch_size, progress=progress)
+
+
+def _width_record(config: PruneConfig, report: WidthPruneReport) -> tuple[dict, dict]:
+    width = {"score": report.score, "sparsity": report.sparsity, "achieved": report.achieved,
+             "fraction": report.fraction, "heads": report.heads, "channels": report.channels,
+             "bias_compensation": report.bias_compensation, "notes": report.notes, "per_layer": report.layers}
+    return {}, {"width": width, "parameters": report.parameters, "bytes": report.bytes}
+
+
 def _weights_card(record: dict) -> dict[str, str]:
     s = record["settings"]
     shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
@@ -344,6 +382,18 @@ def _experts_card(record: dict) -> dict[str, str]:
             "details": "per-layer list of kept experts, with every expert's score and calibration tokens,"}
 
 
+def _width_card(record: dict) -> dict[str, str]:
+    width, parameters = record["width"], record["parameters"]
+    heads, channels = width["heads"], width["channels"]
+    return {"tag": "structured", "title": f"width-pruned to {heads['after']} heads and {channels['after']} channels",
+            "what": f"{width['achieved']:.1%} of the decoder blocks' parameters removed as whole attention heads "
+                    f"({heads['before']} -> {heads['after']}, key/value heads {heads['key_value_before']} -> "
+                    f"{heads['key_value_after']}) and MLP channels ({channels['before']} -> {channels['after']}), "
+                    f"the same in every layer, chosen by the {width['score']} score",
+            "result": f"Parameters: {parameters['before']:,} before, {parameters['after']:,} after.",
+            "details": "per-layer list of kept heads and channels, with group scores and sizes,"}
+
+
 @dataclass(frozen=True)
 class Step:
     """What the job does for one ``structure``: whether it needs calibration windows, whether it may prune
@@ -361,10 +411,12 @@ class Step:
 
 
 STEPS: dict[str, Step] = {  # one per structure (:data:`STRUCTURES`)
-    "none": Step(_method_calibrates, True, _check_weights, _prune_weights, _weights_record, EXPERT_SETTINGS,
-                 _weights_card),
-    "experts": Step(lambda config: True, False, _check_experts, _drop_experts, _experts_record, WEIGHT_SETTINGS,
-                    _experts_card),
+    "none": Step(_method_calibrates, True, _check_weights, _prune_weights, _weights_record,
+                 (*EXPERT_SETTINGS, *WIDTH_SETTINGS), _weights_card),
+    "experts": Step(lambda config: True, False, _check_experts, _drop_experts, _experts_record,
+                    (*WEIGHT_SETTINGS, *WIDTH_SETTINGS), _experts_card),
+    "width": Step(lambda config: True, False, _check_width, _cut_width, _width_record,
+                  (*[name for name in WEIGHT_SETTINGS if name != "sparsity"], *EXPERT_SETTINGS), _width_card),
 }
 
 
@@ -464,8 +516,8 @@ def _write_record(out: Path, record: dict) -> None:
     (out / "README.md").write_text(model_card(record))
 
 
-def _record(config: PruneConfig, source: str, report: PruneReport | ExpertPruneReport, evaluation: _Evaluation,
-            low_memory: bool) -> dict:
+def _record(config: PruneConfig, source: str, report: PruneReport | ExpertPruneReport | WidthPruneReport,
+            evaluation: _Evaluation, low_memory: bool) -> dict:
     step = STEPS[config.structure]
     settings = config.model_dump(exclude={"model", "max_shard_size", *step.unused})
     own_settings, results = step.record(config, report)
@@ -503,6 +555,11 @@ def summary(record: dict) -> dict:
     if "experts" in record:
         head = {"experts_kept": record["experts"]["kept"], "experts_of": record["experts"]["of"],
                 "parameters": record["parameters"]}
+    elif "width" in record:
+        width = record["width"]
+        head = {"heads": [width["heads"]["before"], width["heads"]["after"]],
+                "channels": [width["channels"]["before"], width["channels"]["after"]],
+                "removed": round(width["achieved"], 4), "parameters": record["parameters"]}
     else:
         head = {"overall_sparsity": round(record["sparsity"]["overall"], 4)}
     return {**head, "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},
