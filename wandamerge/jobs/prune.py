@@ -60,7 +60,9 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="A model directory, a .gguf file, a hub id, or 'smollm2'.")
     method: str = Field("wanda", description=f"The importance score / solver: {', '.join(sorted(PRUNE_METHODS))}.")
-    sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1).")
+    sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1); --structure width: "
+                                                              "the share of the decoder blocks' parameters "
+                                                              "removed.")
     pattern: Union[str, None] = Field(PruneTarget.pattern, description="N:M semi-structured pattern, e.g. 2:4 (overrides "
                                                         "--sparsity).")
     group: Union[Literal[GROUPS], None] = Field(None, description="Comparison group for unstructured masks "
