@@ -64,6 +64,12 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-60-owl": ["--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl"],
     "wanda-70-owl": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl"],
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--sparsity-profile", "owl"],
+    # 2:4 at SparseGPT's quality for Wanda's cost: RIA, its channel permutation, and the least-squares refit
+    "ria-2:4": ["--method", "ria", "--pattern", "2:4"],
+    "ria-2:4-permute": ["--method", "ria", "--pattern", "2:4", "--permute"],
+    "ria-2:4-permute-update": ["--method", "ria", "--pattern", "2:4", "--permute", "--update"],
+    "wanda-2:4-permute-update": ["--method", "wanda", "--pattern", "2:4", "--permute", "--update"],
+    "ria-50": ["--method", "ria", "--sparsity", "0.5"],
 }
 # robustness to calibration size: the first K of the 128 calibration windows
 for _k in (1, 4, 16, 64):
