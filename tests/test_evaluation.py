@@ -412,13 +412,49 @@ def test_run_recipe_merge_with_finetuned_tasks(tmp_path, saved_tiny):
     assert (out / "report" / "task_accuracy.png").is_file()
 
 
+def test_run_recipe_merge_then_prune_evaluates_both(tmp_path, saved_tiny):
+    """A merge recipe with a prune: section merges, prunes the merge (Wanda 2:4 here) and evaluates both: the
+    sparse model is the one `wandamerge prune` makes of the dense merge, and the report shows the two."""
+    from conftest import tensors
+    from wandamerge.jobs.prune import prune_to_directory
+
+    base, ft1, ft2 = saved_tiny("base", 0), saved_tiny("ft1", 1), saved_tiny("ft2", 2)
+    data, _ = _choice_task(tmp_path, n=8)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump(task_yaml("toy", data)))
+    text = _text_file(tmp_path)
+    prune = {"method": "wanda", "pattern": "2:4", "calib": str(text), "nsamples": 4, "seqlen": 32}
+    recipe = tmp_path / "merge-prune.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(base),
+        "models": [{"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": str(ft2), "parameters": {"weight": 1.0, "density": 0.5}}],
+        "prune": prune,
+        "evaluate": {"perplexity": False, "tasks": [{"task": str(spec), "finetuned": str(ft1)}], "batch_size": 4}}))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    dense, sparse = (json.loads((d / "results.json").read_text()) for d in (out / "merged", out))
+    assert dense["record"]["job"] == "merge" and sparse["record"]["job"] == "prune"
+    assert sparse["record"]["settings"]["pattern"] == "2:4"
+    assert set(dense["tasks"]) == set(sparse["tasks"]) == {"wandamerge_toy"}
+    reference = tmp_path / "reference"
+    prune_to_directory(str(out / "merged" / "model"), reference, progress=False, **prune)
+    got, want = tensors(out / "model"), tensors(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    report = (out / "report" / "report.md").read_text()
+    assert "(merged)" in report and "| run | prune |" in report
+
+
 @pytest.mark.parametrize("recipe, message", [
     ({"prune": {"model": "x", "methd": "wanda"}}, "did you mean 'method'"),
     ({"prune": {"model": "x", "sparsity": 1.5}}, "prune.sparsity"),
     ({"prune": {"model": "x", "method": "wandaa"}}, "did you mean 'wanda'"),
     ({"prune": {"model": "x"}, "evaluate": {"taks": []}}, "did you mean 'tasks'"),
     ({"prune": {"model": "x"}, "evaluate": {"perplexity": {"windows": -1}}}, "evaluate.perplexity.windows"),
-    ({"prune": {"model": "x"}, "merge_method": "ties"}, "either prunes or merges"),
+    ({"prune": {"model": "x"}, "merge_method": "ties", "base_model": "b",
+      "models": [{"model": "m", "parameters": {"weight": 1, "density": 0.5}}]},
+     "prunes the merged model"),
     ({"evaluate": {}}, "nothing to run"),
     ({"merge_method": "tie", "base_model": "b", "models": [{"model": "m"}]}, "did you mean 'ties'"),
 ])
