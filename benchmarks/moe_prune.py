@@ -145,6 +145,8 @@ def write_results(result: dict) -> None:
                   "|---|---|---|---|---|"]
         lines += [f"| {t['layer']} | {t['min']} | {t['median']:g} | {t['max']} | {t['unrouted']} |"
                   for t in result["tokens_per_expert"]]
+    if result.get("notes"):
+        lines += ["", "## Findings", ""] + [f"- {note}" for note in result["notes"]]
     lines += ["", f"`$BENCH`: `{result['bench']}`.", ""]
     lines += [f"- `{name}`: `{run['command']}`" for name, run in result["runs"].items()]
     lines.append("")
@@ -156,7 +158,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the model and outputs in the cache")
     parser.add_argument("--only", action="append", help="run only this run (repeatable); keep the others' results")
+    parser.add_argument("--report", action="store_true", help="rewrite the Markdown from the JSON; run nothing")
     args = parser.parse_args()
+    if args.report:
+        write_results(json.loads((RESULTS / "moe_prune.json").read_text()))
+        return
     base = WORK / f"olmoe-{args.layers}L"
     t0 = time.perf_counter()
     write_model(base, args.layers)
@@ -170,8 +176,11 @@ def main() -> None:
                         "size_on_disk_bytes": size_on_disk(base), "weights": "random (normal, std 0.02)"},
               "runs": {}}
     previous = RESULTS / "moe_prune.json"
-    if args.only and previous.is_file():
-        result["runs"] = {k: v for k, v in json.loads(previous.read_text())["runs"].items() if k not in args.only}
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        result["notes"] = old.get("notes", [])  # findings written after a run, kept across reruns
+        if args.only:
+            result["runs"] = {k: v for k, v in old["runs"].items() if k not in args.only}
     common = ["prune", str(base), "--method", "wanda", "--sparsity", "0.5", "--calib", "wiki", "--nsamples",
               str(NSAMPLES), "--seqlen", str(SEQLEN), "--dtype", "bfloat16", "--max-shard-size", "1GB", "--overwrite"]
     runs = {"prune-in-memory": [*common, "--no-low-memory", "-o", str(WORK / "pruned-memory")],

@@ -1,0 +1,161 @@
+"""Structured width pruning on SmolLM2-135M: a smaller, faster model, against unstructured Wanda.
+
+For R in (0.2, 0.3): ``wandamerge prune --structure width --sparsity R`` (FLAP's
+score, bias compensation where the config carries it) and, at the same number
+of parameters removed from the decoder blocks, unstructured Wanda at sparsity
+R' (R' = the width model's removed block parameters / the dense linear maps'
+entries). Each output is measured here:
+
+* parameters (all, and of the decoder blocks) and bytes of safetensors on disk;
+* CPU speed with stock transformers, 2 threads, batch 1: prefill tokens/s
+  (one 512-token forward) and decode tokens/s (greedy ``generate`` of 64 new
+  tokens after a 32-token prompt, KV cache on); the median of 5 runs after 1
+  warm-up, every model measured in the same process, interleaved;
+* perplexity on the shared evaluation windows (64 x 512), through ``wandamerge ppl``.
+
+Calibration: the shared 128 x 512 windows. Results: benchmarks/results/width_smollm2.{md,json}.
+
+    python benchmarks/width_smollm2.py [--windows-dir ../shared/data/smollm2-wiki]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from prune_smollm2 import BIN, WINDOWS_DIR, ppl, run  # noqa: E402
+
+from wandamerge.io.record import provenance, versions  # noqa: E402
+from wandamerge.models import prepare_smollm2  # noqa: E402
+
+RATIOS = (0.2, 0.3)
+REPEATS = 5
+
+
+def parameters(model) -> tuple[int, int]:
+    """(all parameters, those of the decoder blocks) of a loaded model; a tied LM head counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in model.model.layers.parameters())
+    return total, blocks
+
+
+def linear_entries(model) -> int:
+    return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+
+
+def speed(model, prompt: torch.Tensor) -> dict:
+    """Prefill and decode tokens/s at batch 1 (medians of REPEATS after a warm-up)."""
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for attempt in range(REPEATS + 1):
+            t0 = time.perf_counter()
+            model(input_ids=prompt[:, :512], use_cache=False)
+            t1 = time.perf_counter()
+            model.generate(prompt[:, :32], max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                           pad_token_id=0)
+            t2 = time.perf_counter()
+            if attempt:
+                prefill.append(512 / (t1 - t0))
+                decode.append(64 / (t2 - t1))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+
+
+def size_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def prune(model: str, out: Path, calib: str, extra: list[str], log) -> dict:
+    wall, _ = run([str(BIN / "wandamerge"), "-q", "prune", model, "-o", str(out), "--overwrite", "--calib", calib,
+                   "--nsamples", "128", "--seqlen", "512", *extra], log)
+    return {"wall_s": wall, "command": "wandamerge prune SMOLLM2 " + " ".join(extra)}
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows-dir", default=WINDOWS_DIR)
+    parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/width"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    windows = (HERE.parent / args.windows_dir).resolve()
+    calib, eval_data = str(windows / "calib_128x512.pt"), str(windows / "eval_64x512.pt")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(work / "width.log", "a")
+    dense = str(prepare_smollm2())
+    dense_model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    dense_total, dense_blocks = parameters(dense_model)
+    dense_linear = linear_entries(dense_model)
+    rows = {"dense": {"dir": dense, "command": "(the dense model)"}}
+    for ratio in RATIOS:
+        width_dir = work / f"width-{ratio}"
+        rows[f"width-{ratio}"] = {"dir": str(width_dir), **prune(dense, width_dir, calib, [
+            "--structure", "width", "--sparsity", str(ratio)], log)}
+        cut = AutoModelForCausalLM.from_pretrained(width_dir)
+        removed = dense_blocks - parameters(cut)[1]
+        matched = round(removed / dense_linear, 4)
+        wanda_dir = work / f"wanda-{matched}"
+        rows[f"wanda-unstructured-{matched}"] = {"dir": str(wanda_dir), "same_parameters_as": f"width-{ratio}",
+                                                 **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity",
+                                                                                   str(matched)], log)}
+    prompt = torch.load(eval_data)[:1]
+    models = {name: AutoModelForCausalLM.from_pretrained(row["dir"]).eval() for name, row in rows.items()}
+    for name, row in rows.items():
+        total, blocks = parameters(models[name])
+        zeros = sum(int((m.weight == 0).sum()) for m in models[name].model.layers.modules()
+                    if isinstance(m, torch.nn.Linear))
+        row.update({"parameters": total, "block_parameters": blocks, "nonzero_block_parameters": blocks - zeros,
+                    "bytes_on_disk": size_on_disk(Path(row["dir"])), "ppl": ppl(row["dir"], eval_data, log)})
+        print(f"{name}: ppl {row['ppl']:.2f}", flush=True)
+    timings = {name: [] for name in rows}
+    for _ in range(2):  # interleaved rounds, so drifts in the machine's speed hit every model alike
+        for name, model in models.items():
+            timings[name].append(speed(model, prompt))
+    for name, row in rows.items():
+        row.update({key: max(t[key] for t in timings[name]) for key in timings[name][0]})
+        row["decode_vs_dense"] = row["decode_tokens_per_s"] / (rows["dense"].get("decode_tokens_per_s") or 1)
+        row["prefill_vs_dense"] = row["prefill_tokens_per_s"] / (rows["dense"].get("prefill_tokens_per_s") or 1)
+    write(rows, {**provenance([__file__, *sys.argv[1:]]), "versions": versions(), "threads": 2})
+    for name in rows:
+        if name != "dense":
+            shutil.rmtree(rows[name]["dir"], ignore_errors=True)
+
+
+def write(rows: dict, header: dict) -> None:
+    results = HERE / "results"
+    for row in rows.values():
+        row["dir"] = row["dir"].replace(str(Path.home()), "~")
+    (results / "width_smollm2.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    lines = [f"# Structured width pruning on SmolLM2-135M ({header['date']}, commit {header['commit']})", "",
+             f"- command: `{header['command']}`",
+             f"- machine: {header['machine']}; " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()
+                                                            if k != "platform"),
+             "- calibration: the shared 128 x 512 windows; perplexity: the shared 64 x 512 evaluation windows",
+             f"- speed: stock transformers, CPU, 2 threads, batch 1; prefill = one 512-token forward, decode = greedy "
+             f"generate of 64 tokens after 32 (KV cache); median of {REPEATS} after a warm-up, the better of 2 "
+             "interleaved rounds", "",
+             "| model | parameters | block parameters (nonzero) | MB on disk | perplexity | prefill tok/s | "
+             "decode tok/s | decode vs dense |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['parameters']:,} | {r['block_parameters']:,} ({r['nonzero_block_parameters']:,}) "
+                     f"| {r['bytes_on_disk'] / 1e6:.0f} | {r['ppl']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_dense']:.2f}x |")
+    lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in rows.items()] + [""]
+    (results / "width_smollm2.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
