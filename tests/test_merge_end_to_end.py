@@ -310,10 +310,11 @@ RUN_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("run
 
 @pytest.mark.parametrize("path", RUN_RECIPES, ids=lambda p: p.name)
 def test_example_run_recipes_validate(path):
-    from wandamerge.jobs.run import load_run_recipe
+    from wandamerge.jobs.run import MERGED, load_run_recipe
 
     recipe, _ = load_run_recipe(path)
-    assert (recipe.prune is None) != (recipe.merge is None) and recipe.evaluate.tasks
+    assert (recipe.prune is not None or recipe.merge is not None) and recipe.evaluate.tasks
+    assert recipe.merge is None or recipe.prune is None or recipe.prune.model == MERGED  # merge, then prune
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
