@@ -290,7 +290,8 @@ def report_command(runs, out, title):
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @friendly_errors
 def run_command(recipe, out, device, overwrite):
-    """Prune, merge, or merge then prune as RECIPE.yaml says, evaluate as its evaluate: section says, and write the report."""
+    """Prune, merge, or merge then prune as RECIPE.yaml says, evaluate as its evaluate: section says, and
+    write the report."""
     from .jobs.run import run_recipe
 
     results = run_recipe(recipe, out, device=device, overwrite=overwrite, progress=not quiet())
