@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from wandamerge.io.record import provenance  # noqa: E402
 
-LAMBDAS = (0.0, 0.08, 0.15, 0.2, 0.25)  # 0 = uniform; 0.08 = the paper's default
+LAMBDAS = (0.0, 0.08, 0.15, 0.25)  # 0 = uniform; 0.08 = the paper's default
 WINDOWS = Path("../shared/data/smollm2-wiki")
 RESULTS = HERE / "results"
 WORK = Path.home() / ".cache" / "wandamerge" / "bench" / "prune"
