@@ -437,6 +437,8 @@ def test_run_recipe_merge_then_prune_evaluates_both(tmp_path, saved_tiny):
     dense, sparse = (json.loads((d / "results.json").read_text()) for d in (out / "merged", out))
     assert dense["record"]["job"] == "merge" and sparse["record"]["job"] == "prune"
     assert sparse["record"]["settings"]["pattern"] == "2:4"
+    merged = str((out / "merged" / "model").resolve())  # not the staging folder
+    assert sparse["record"]["model"] == merged and merged in (out / "model" / "README.md").read_text()
     assert set(dense["tasks"]) == set(sparse["tasks"]) == {"wandamerge_toy"}
     reference = tmp_path / "reference"
     prune_to_directory(str(out / "merged" / "model"), reference, progress=False, **prune)

@@ -34,6 +34,8 @@ the same configs as ``wandamerge prune`` and ``wandamerge eval``.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import time
 from pathlib import Path
@@ -108,6 +110,8 @@ def run_recipe(path: str | Path, out: str | Path, *, device: str = "cpu", overwr
     with staged_output(out_path, overwrite) as tmp:  # a killed run leaves nothing half-written
         (tmp / "recipe.yaml").write_text(text)
         runs = _make_models(recipe, text, tmp, device, progress)
+        if recipe.merge is not None and recipe.prune is not None:
+            _name_merged_source(tmp / "model", tmp / "merged" / "model", out_path / "merged" / "model")
         log.info("[1/3] done in %.1f s", time.perf_counter() - t0)
         log.info("[2/3] evaluating: %s", ", ".join((["perplexity"] if recipe.evaluate.perplexity_settings() else [])
                                                     + recipe.evaluate.task_specs()) or "nothing asked")
@@ -122,6 +126,17 @@ def run_recipe(path: str | Path, out: str | Path, *, device: str = "cpu", overwr
         build_report([run_dir for run_dir, _ in runs], tmp / "report", title=f"wandamerge run {out_path.name}")
     log.info("run written to %s (%.1f s)", out_path, time.perf_counter() - t0)
     return results
+
+
+def _name_merged_source(pruned: Path, staged: Path, final: Path) -> None:
+    """The pruned model's record and card name the merge it came from where the run leaves it, not where it
+    was staged."""
+    record_file, card = pruned / "wandamerge.json", pruned / "README.md"
+    record = json.loads(record_file.read_text())
+    record["model"] = record["model_source"] = str(final)
+    record_file.write_text(json.dumps(record, indent=2))
+    if card.is_file():
+        card.write_text(card.read_text().replace(str(staged), str(final)))
 
 
 def _make_models(recipe: RunRecipe, text: str, tmp: Path, device: str, progress: bool) -> list[tuple[Path, str | None]]:
