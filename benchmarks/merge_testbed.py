@@ -127,6 +127,13 @@ METHODS = [  # in the order they are run: the central comparison first
            per_density=True, merge_params={"rescale": "gram"}, grid_densities=(0.1, 0.2)),
     Method("wudi/aim", "wudi", data_free=False, aim=0.4),
     Method("obim", "obim", "wanda", data_free=False, calibration="task"),
+    # the best trimmed merge above with each task's vote weighted by its own activations (election), and
+    # SparseGPT's OBS sweep on each delta against its task's Gram in place of the Wanda trim (at the density
+    # the trimmed row chose: the 2-core budget)
+    Method("ties/wanda-task+gram+election", "ties", "wanda", data_free=False, calibration="task",
+           merge_params={"rescale": "gram", "election": "activation"}, grid_densities=(0.1,)),
+    Method("ties/sparsegpt-task", "ties", "sparsegpt", data_free=False, calibration="task",
+           merge_params={"rescale": "none"}, grid_densities=(0.1,)),
 ]
 PER_DENSITY = (0.1, 0.2)
 # the per-density comparisons: (Wanda on task activations, magnitude) under the same method
