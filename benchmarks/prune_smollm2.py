@@ -47,6 +47,9 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
     "wanda-50-parallel": ["--method", "wanda", "--sparsity", "0.5", "--within-block", "parallel", "--batch-size", "8"],
     "wanda-2:4-parallel": ["--method", "wanda", "--pattern", "2:4", "--within-block", "parallel", "--batch-size", "8"],
+    # the orders by name (the default, auto, chooses between them from the activation memory: prune_smollm2_order)
+    "wanda-50-sequential": ["--method", "wanda", "--sparsity", "0.5", "--within-block", "sequential"],
+    "sparsegpt-50-sequential": ["--method", "sparsegpt", "--sparsity", "0.5", "--within-block", "sequential"],
     # the paper's analyses: higher sparsity, comparison groups, weight update
     "magnitude-tensor-60": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.6"],
     "magnitude-tensor-70": ["--method", "magnitude", "--group", "tensor", "--sparsity", "0.7"],

@@ -18,6 +18,10 @@ Two orders inside a block:
 * ``"parallel"`` (two forwards per block, as the official Wanda and SparseGPT
   code): statistics for every map come from the unpruned block, possibly over
   several batches; the block is then pruned and run again for its outputs.
+* ``"auto"`` (the default of pruning): sequential when one forward over all windows
+  needs no more activation memory than the block's inputs already hold, otherwise
+  parallel with the largest batch that does (:func:`~wandamerge.core.pass_plan.plan_pass`).
+  A given ``batch_size`` decides it: sequential when it covers all windows.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .core.pass_plan import PassPlan, plan_pass
 from .errors import ConfigError, ModelError
 from .loaders import BlockLoader, default_loader
 from .models import ExpertMap, FusedExperts, LinearMap, block_experts, block_linears, decoder_blocks
@@ -43,7 +48,7 @@ GRAM = "gram"  # X^T X summed over tokens (SparseGPT, weight update)
 ABS = "abs"  # per-input-channel sum of |x_j| (AIM)
 MOMENTS = "moments"  # per-input-channel mean of x_j and sum of squared deviations from it (FLAP's fluctuation)
 
-WITHIN_BLOCK_ORDERS = ("sequential", "parallel")
+WITHIN_BLOCK_ORDERS = ("auto", "sequential", "parallel")
 _TOKEN_CHUNK = 8192  # statistics are accumulated over at most this many tokens at a time
 
 
@@ -178,6 +183,7 @@ class PassTimings:
     forward_s: float = 0.0
     visit_s: float = 0.0
     within_block: str = ""
+    batch_size: int = 0  # windows per forward
     per_block_s: list[float] = field(default_factory=list)
 
 
@@ -211,6 +217,21 @@ def catch_first_block_inputs(model: nn.Module, windows: torch.Tensor, loader: Bl
     return caught
 
 
+def default_pass_plan(block: nn.Module, shape: tuple[int, int], batch_size: int | None = None) -> PassPlan:
+    """The ``"auto"`` order for windows of ``shape`` (nsamples, seqlen), sized by the first block's maps (their
+    weights may still be on the meta device): per token, every map's output plus the widest one again (a gated
+    MLP's product); a fused MoE layer counts one expert's maps."""
+    nsamples, seqlen = int(shape[0]), int(shape[1])
+    if batch_size:
+        return PassPlan("sequential" if batch_size >= nsamples else "parallel", min(batch_size, nsamples))
+    maps = block_linears(block) + [m for experts in block_experts(block) for m in experts.maps(0)]
+    if not maps:
+        return PassPlan("sequential", nsamples)
+    widths = [m.weight.shape[0] for m in maps]
+    element_bytes = maps[0].weight.element_size()
+    return plan_pass(nsamples, seqlen, maps[0].in_features, sum(widths) + max(widths), element_bytes)
+
+
 def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
     """The hidden states ``block`` gives for one batch of its inputs (a step that measures a block runs it so)."""
     out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
@@ -219,7 +240,7 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
 
 def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visitor, *,
                    needs: Iterable[str] = (NORMS,), device: str | torch.device = "cpu",
-                   batch_size: int | None = None, within_block: str = "sequential",
+                   batch_size: int | None = None, within_block: str = "auto",
                    progress: bool = True, desc: str = "blocks",
                    loader: BlockLoader | None = None, all_experts: bool = False) -> PassTimings:
     """Visit every linear map of every decoder block, in order, with its input statistics.
@@ -242,12 +263,16 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
         return _visit_without_data(progress_blocks, visit, loader)
     if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
         raise ConfigError("calibration windows must be a non-empty (nsamples, seqlen) tensor")
+    if within_block == "auto":
+        plan = default_pass_plan(blocks[0], windows.shape, batch_size)
+        within_block, batch_size = plan.order, plan.batch_size
+        log.info("calibration pass: %s order, %d windows per forward", within_block, batch_size)
     batch_size = batch_size or windows.shape[0]
     if within_block == "sequential" and batch_size < windows.shape[0]:
         log.warning("within-block order 'sequential' needs all %d windows in one batch; "
                     "batch size %d given, using 'parallel'", windows.shape[0], batch_size)
         within_block = "parallel"
-    timings = PassTimings(within_block=within_block)
+    timings = PassTimings(within_block=within_block, batch_size=min(batch_size, windows.shape[0]))
     device = loader.device
     one_block = _sequential_block if within_block == "sequential" else _parallel_block
 

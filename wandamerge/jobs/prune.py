@@ -114,11 +114,13 @@ class PruneConfig(BaseModel):
     seed: int = Field(0, description="Seed of the calibration windows.")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (one block at a time sits on it).")
     dtype: Literal[DTYPE_NAMES] = Field("float32", description="Weight dtype.")
-    batch_size: Union[int, None] = Field(None, description="Calibration windows per forward [default: all at "
-                                                           "once].")
+    batch_size: Union[int, None] = Field(None, description="Calibration windows per forward [default: chosen "
+                                                           "with the order].")
     within_block: Literal[WITHIN_BLOCK_ORDERS] = Field(
-        "sequential", description="sequential: one forward per block, later maps see pruned earlier ones; "
-                                  "parallel: the official two-pass order.")
+        "auto", description="sequential: one forward per block over all windows, later maps see pruned earlier "
+                            "ones (fastest); parallel: the official two-pass order, in batches; auto: sequential "
+                            "when its activations fit in what the block's inputs hold, else parallel in the "
+                            "largest batch that fits.")
     eval_ppl: Union[str, None] = Field(None, description="Measure dense and pruned perplexity on this text "
                                                          "(e.g. wiki: held-out articles).")
     eval_windows: Union[int, None] = Field(64, description="Evaluation windows (0 = all).")
@@ -314,7 +316,7 @@ def _prune_weights(config: PruneConfig, lm, calibration, progress: bool, loader)
 def _weights_record(config: PruneConfig, report: PruneReport) -> tuple[dict, dict]:
     settings = {"sparsity": report.target["sparsity"] if not config.pattern else None,
                 "group": report.target["group"],
-                "within_block": report.within_block,
+                "within_block": report.within_block, "batch_size": report.batch_size,
                 **{name: None for name in profile_options() if name not in config.profile_values()}}
     results = {"sparsity": {"overall": report.overall_sparsity, "per_block": report.block_sparsity,
                             "per_block_target": report.block_targets, "allocation": report.allocation,

@@ -54,12 +54,13 @@ class PruneReport:
     expert_tokens: dict[str, int] = field(default_factory=dict)
     expert_sparsity: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    batch_size: int | None = None  # calibration windows per forward (None: no calibration pass)
 
 
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: str = "wanda",
           sparsity: float = 0.5, pattern: str | None = None, group: str | None = None, variant: bool = False,
           update: bool = False, permute: bool = False, device: str | torch.device = "cpu",
-          batch_size: int | None = None, within_block: str = "sequential", blocksize: int = 128,
+          batch_size: int | None = None, within_block: str = "auto", blocksize: int = 128,
           percdamp: float = 0.01, progress: bool = True, loader: BlockLoader | None = None, all_experts: bool = False,
           sparsity_profile: str = "uniform", sparsity_map: dict[str, float] | None = None,
           **profile_options: float) -> PruneReport:
@@ -124,6 +125,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
                              desc=f"{method} pruning", loader=loader, all_experts=all_experts)
     report = PruneReport(
         method=method, target=asdict(target), within_block=timings.within_block or "none",
+        batch_size=timings.batch_size or None,
         nsamples=int(calibration.shape[0]) if needs else 0, seqlen=int(calibration.shape[1]) if needs else 0,
         sparsity_profile=allocation.profile.name, allocation=allocation.record(planned),
         seconds={"allocation": t_planned - t0, "catch": timings.catch_s, "forward": timings.forward_s,

@@ -73,9 +73,8 @@ class DenseModelScores:
                 scores[done] = []
             scores[index].append(wanda_score(linear.weight, stats.sq_norms))
 
-        one_forward = self.batch_size is None or self.batch_size >= self.windows.shape[0]
         blockwise_pass(self.model, self.windows, collect, needs={NORMS}, device=self.device,
-                       batch_size=self.batch_size, within_block="sequential" if one_forward else "parallel",
+                       batch_size=self.batch_size, within_block="auto",
                        progress=self.progress, desc="dense scores",
                        loader=(self.loader or default_loader(self.model, self.device)).read_only(),
                        all_experts=self.all_experts)
