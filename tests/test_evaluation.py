@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import tiny_model, word_tokenizer
 from wandamerge.cli import main
 from wandamerge.errors import TaskDataError
-from wandamerge.jobs.evaluate import normalized_accuracy
+from wandamerge.jobs.evaluate import EvalConfig, evaluate, normalized_accuracy
 from wandamerge.evaluation.perplexity import perplexity, strided_windows
 from wandamerge.evaluation.tasks import OFFLINE_TASKS, read_examples, task_yaml
 from wandamerge.evaluation.zeroshot import ZeroShotError, zero_shot
@@ -528,3 +528,38 @@ def test_lm_eval_requests_score_exactly_the_choices(tmp_path):
     task.build_all_requests(limit=1, rank=0, world_size=1)
     assert sorted(i.arguments for i in task.instances) == [(rows[0]["prompt"], " negative"),
                                                            (rows[0]["prompt"], " positive")]
+
+
+def test_a_lora_fine_tune_is_scored_on_the_base_it_names_not_the_pruned_models(tmp_path, saved_tiny):
+    """A prune run on a merged model compares against that model; a fine-tune given as a LoRA adapter is still
+    the adapter on its own base: the reference equals the adapter merged into its base by PEFT, saved whole."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, other = saved_tiny("base", 0), saved_tiny("merged", 3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    whole = tmp_path / "whole"
+    save_model(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload(),
+               word_tokenizer(), whole)
+    wrong = tmp_path / "wrong"  # the adapter on the model the run prunes
+    save_model(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other), adapter).merge_and_unload(),
+               word_tokenizer(), wrong)
+    data, _ = _choice_task(tmp_path, n=40)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump(task_yaml("toy", data)))
+    settings = {"perplexity": False, "tasks": [str(spec)], "batch_size": 4}
+    want, not_want = (evaluate(str(m), None, EvalConfig(**settings))["tasks"]["wandamerge_toy"]
+                      for m in (whole, wrong))
+    assert (want["acc"], want["acc_norm"]) != (not_want["acc"], not_want["acc_norm"])  # the test can tell them
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "prune": {"model": str(other), "method": "magnitude", "sparsity": 0.5},
+        "evaluate": {**settings, "tasks": [{"task": str(spec), "finetuned": str(adapter)}]}}))
+    result = CliRunner().invoke(main, ["-q", "run", str(recipe), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "run" / "results.json").read_text())["references"]["finetuned"]["wandamerge_toy"]
+    assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"])

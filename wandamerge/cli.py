@@ -242,7 +242,7 @@ def _task_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--finetuned", multiple=True, metavar="TASK=PATH",
               help="The fine-tune a task belongs to (repeatable): reports merged / fine-tuned accuracy.")
 @click.option("--base", help="Base model: its accuracy on every task is reported alongside (and bases LoRA "
-                             "adapters).")
+                             "adapters whose own base is not a local model).")
 @click.option("--limit", type=float, help="Examples per task (a fraction if < 1) [default: all].")
 @click.option("--batch-size", type=int, help=f"[default: {EvalConfig.model_fields['batch_size'].default}]")
 @click.option("--device", default="cpu", show_default=True)

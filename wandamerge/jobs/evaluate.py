@@ -116,6 +116,17 @@ def load_for_eval(spec: str, base: str | None = None, dtype: str = "float32"):
     return model.eval(), tokenizer
 
 
+def fine_tune_base(spec: str, base: str | None) -> str | None:
+    """What a fine-tune given as a LoRA adapter is merged into for its reference accuracy: the base it names when
+    that is a local model (it was trained on it; the evaluated model's ``base`` may be another, e.g. the unpruned
+    merge a prune run compares against), else ``base``."""
+    config_file = Path(spec) / "adapter_config.json"
+    if not config_file.is_file():
+        return base
+    named = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    return named if named and Path(named).expanduser().exists() else base
+
+
 def model_fingerprint(spec: str) -> str:
     """Names, sizes and modification times of a model's files (cheap; for the reference cache)."""
     path = Path(spec)
@@ -231,7 +242,7 @@ def _references(config: EvalConfig, finetuned: dict[str, str], base: str | None,
 
     references: dict[str, Any] = {"finetuned": {}, "base": {}}
     for task, spec in finetuned.items():
-        references["finetuned"][task] = {"model": spec, **run_on(spec, task, base)}
+        references["finetuned"][task] = {"model": spec, **run_on(spec, task, fine_tune_base(spec, base))}
     if compare_base:
         for task in by_name:
             references["base"][task] = {"model": compare_base, **run_on(compare_base, task, None)}
