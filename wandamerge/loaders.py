@@ -271,6 +271,19 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def release_freed_memory() -> bool:
+    """Give the memory glibc holds freed in its heaps back to the system (``malloc_trim``), as a pass does after
+    each block: a block's transient activations are freed into the heap, and passes over other windows (one per
+    model in a merge with task activations) grew the resident memory by about 1 GB each on SmolLM2 without it.
+    Unlike :func:`return_freed_memory_promptly` it costs no time in the allocations themselves. False (and
+    nothing done) where the C library has no ``malloc_trim``."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    return bool(trim(0))
+
+
 # ----------------------------------------------------------------------------- the skeleton
 
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .core.pass_plan import PassPlan, plan_pass
 from .errors import ConfigError, ModelError
-from .loaders import BlockLoader, default_loader
+from .loaders import BlockLoader, default_loader, release_freed_memory
 from .models import ExpertMap, FusedExperts, LinearMap, block_experts, block_linears, decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ def blockwise_pass(model: nn.Module, windows: torch.Tensor | None, visit: Visito
             loader.unload(index, block)
             for batch, out in zip(inputs, outputs):
                 batch.hidden = out
+            release_freed_memory()
             _sync(device)
             timings.per_block_s.append(time.perf_counter() - t_block)
     return timings
@@ -498,3 +499,4 @@ def multistream_pass(model: nn.Module, streams: list[torch.Tensor], step: Stream
                 for batch in stream:
                     batch.hidden = run_block(block, batch)
             loader.unload(index, block)
+            release_freed_memory()
