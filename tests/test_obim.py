@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from wandamerge.merging import methods
 from wandamerge.merging.methods import exclusive_combine, merge_tensor
 
 
@@ -20,7 +22,9 @@ def test_exclusive_assignment_by_hand():
     assert exclusive_combine(tie, torch.ones(2)).tolist() == [2.0]
 
 
-def test_obim_keeps_each_entry_of_exactly_one_task_the_most_salient():
+@pytest.mark.parametrize("chunk", [methods.EXCLUSIVE_CHUNK, 8, 40])  # whole; one row; 5 rows, then 1
+def test_obim_keeps_each_entry_of_exactly_one_task_the_most_salient(monkeypatch, chunk):
+    monkeypatch.setattr(methods, "EXCLUSIVE_CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(6, 8, generator=gen)
     taus = [torch.randn(6, 8, generator=gen) * 0.1 for _ in range(3)]

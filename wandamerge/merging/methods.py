@@ -122,17 +122,32 @@ def activation_ties_combine(weighted: torch.Tensor, weights: torch.Tensor, norma
     return disjoint_merge(weighted, weights, agreement_mask(weighted, sign), normalize)
 
 
+EXCLUSIVE_CHUNK = 1 << 22  # entries of one fine-tune's delta assigned at a time (the saliencies' memory)
+
+
 def exclusive_combine(weighted: torch.Tensor, weights: torch.Tensor, input_sq_norms: Sequence | None = None
                       ) -> torch.Tensor:
     """OBIM's exclusive assignment: each entry takes the weighted delta of the one fine-tune with the
     highest saliency there, ``(w_i delta_i)^2 * ||X_i,j||^2`` (the OBS saliency under a diagonal
     Hessian, from each fine-tune's own input norms; ``|delta|`` alone where there are none). Entries a
-    fine-tune dropped (zeros) are not its to claim; equal saliencies go to the first fine-tune."""
-    saliency = weighted.pow(2)
+    fine-tune dropped (zeros) are not its to claim; equal saliencies go to the first fine-tune. Rows are
+    assigned a block at a time, so the saliencies of the whole stack are never held at once."""
     norms = list(input_sq_norms) if input_sq_norms is not None else []
+    scale = None
     if weighted.ndim == 3 and norms and all(n is not None and n.shape == weighted.shape[2:] for n in norms):
-        saliency = saliency * torch.stack([n.to(saliency) for n in norms])[:, None, :]
-    saliency = saliency.masked_fill(weighted == 0, -1.0)
+        scale = torch.stack([n.to(weighted) for n in norms])[:, None, :]
+    if weighted.ndim < 2:
+        return _exclusive_rows(weighted, scale)
+    rows = max(1, EXCLUSIVE_CHUNK // max(1, weighted[0, 0].numel()))
+    return torch.cat([_exclusive_rows(weighted[:, start:start + rows], scale)
+                      for start in range(0, weighted.shape[1], rows)])
+
+
+def _exclusive_rows(weighted: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    saliency = weighted.pow(2)
+    if scale is not None:
+        saliency.mul_(scale)
+    saliency.masked_fill_(weighted == 0, -1.0)
     return weighted.gather(0, saliency.argmax(0, keepdim=True))[0]
 
 
