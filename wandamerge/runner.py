@@ -183,8 +183,13 @@ class PassTimings:
     forward_s: float = 0.0
     visit_s: float = 0.0
     within_block: str = ""
-    batch_size: int = 0  # windows per forward
+    batch_size: int = 0  # windows per forward (0: no calibration pass)
     per_block_s: list[float] = field(default_factory=list)
+
+    def seconds(self, started: float) -> dict[str, float]:
+        """The stages' seconds, with the total since ``started`` (a ``time.perf_counter()``)."""
+        return {"catch": self.catch_s, "forward": self.forward_s, "decision": self.visit_s,
+                "total": time.perf_counter() - started}
 
 
 def _sync(device: torch.device) -> None:

@@ -35,7 +35,6 @@ the same configs as ``wandamerge prune`` and ``wandamerge eval``.
 from __future__ import annotations
 
 import json
-
 import logging
 import time
 from pathlib import Path

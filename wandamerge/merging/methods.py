@@ -694,13 +694,7 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
     if parameters:
         raise ConfigError(f"{spec.name} takes its options as keywords (weights, densities, score, lambda_, ...), "
                           f"not parameters=")
-    if n == 0:
-        raise ConfigError("merging needs at least one fine-tuned tensor")
-    if isinstance(weights, (int, float)):
-        weights = [weights] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise ConfigError(f"{len(weights)} weights for {n} fine-tuned tensors")
+    weights = _weights_per_model(weights, n)
     densities = [check_density(d) for d in _per_model_values("densities", densities, n, default=1.0)]
     gammas = _per_model_values("gamma values", gamma, n)
     epsilons = _per_model_values("epsilon values", epsilon, n)
@@ -738,6 +732,18 @@ def plan_merge(method: str, shape: tuple[int, ...], n: int, weights: Sequence[fl
                  for i in range(n)]
     return MergePlan(applied, tuple(shape), weights, densities, norms, normalize, lambda_, rescale, requested, trims,
                      grams, options, why)
+
+
+def _weights_per_model(weights: Sequence[float] | float, n: int) -> list[float]:
+    """One weight per fine-tuned tensor (a single number for all of them)."""
+    if n == 0:
+        raise ConfigError("merging needs at least one fine-tuned tensor")
+    if isinstance(weights, (int, float)):
+        weights = [weights] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ConfigError(f"{len(weights)} weights for {n} fine-tuned tensors")
+    return weights
 
 
 def _plan_on_tensors(spec: MergeMethod, shape: tuple[int, ...], n: int, weights, given: dict,

@@ -20,8 +20,8 @@ from .allocation import (SPARSITY_PROFILES, Allocation, DenseModelScores, Sparsi
                          register_sparsity_profile)
 from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunable_moe_layers, prune_experts,
                       register_expert_score)
-from .methods import (PRUNE_METHODS, PruneTarget, get_prune_method, keep_mask, prune_weight, register_prune_method,
-                      register_score_method)
+from .methods import (PRUNE_METHODS, PruneMethod, PruneTarget, get_prune_method, keep_mask, prune_weight,
+                      register_prune_method, register_score_method)
 from .permutation import check_permutable, reorder_for_nm
 from .width import WIDTH_SCORES, WidthPruneReport, get_width_score, prune_width, register_width_score, width_setup
 
@@ -89,50 +89,78 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, *, method: 
     prune_method = get_prune_method(method)
     target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group or prune_method.group, variant=variant,
                          update=update, blocksize=blocksize, percdamp=percdamp, permute=permute)
-    prune_method.check(target)
     allocation = Allocation.of(target, sparsity_profile, profile_options, sparsity_map)
-    needs = prune_method.needs_for(target)
-    if (needs or allocation.needs) and calibration is None:
-        raise ConfigError(f"method {method!r} with sparsity profile {sparsity_profile!r} needs calibration windows")
+    needs = _check_method(prune_method, target, allocation, calibration)
     blocks = decoder_blocks(model)
     prefix = block_prefix(model)
-    if target.nm:
-        _check_widths(blocks, target.nm[1])
-    movable = check_permutable(blocks[0], model.config, target.nm[1]) if target.permute else {}
-    _check_finite_weights(model)
-    _warn_unmatched(allocation, model)
+    movable = _check_model(model, blocks, target, allocation)
 
     t0 = time.perf_counter()
     planned = allocation.per_block(target.sparsity, DenseModelScores(
         model, calibration, device, batch_size, loader, all_experts, progress))
     t_planned = time.perf_counter()
     tally = _Tally(prefix)
-
-    def visit(index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> torch.Tensor | None:
-        own = allocation.target_of(target, planned.sparsities[index], f"{prefix}.{index}.{linear.name}")
-        order = None
-        if linear.name in movable:  # reordered first: the mask is decided in the new order
-            groups = permutable_inputs(blocks[index], model.config)[linear.name]
-            order = reorder_for_nm(blocks[index], linear, groups, prune_method.score(linear.weight, stats), *own.nm)
-            stats = stats.reordered(order) if stats is not None else None
-        new_weight, mask = prune_method.fn(linear.weight.contiguous(), stats, own)
-        linear.set_weight(new_weight.to(linear.weight.dtype))
-        tally.add(index, linear, stats, own.expected_sparsity)
-        return order
-
+    visit = _PruneVisit(model, blocks, prefix, prune_method, target, allocation, planned.sparsities, movable, tally)
     timings = blockwise_pass(model, calibration if needs else None, visit, needs=needs, device=device,
                              batch_size=batch_size, within_block=within_block, progress=progress,
                              desc=f"{method} pruning", loader=loader, all_experts=all_experts)
     report = PruneReport(
         method=method, target=asdict(target), within_block=timings.within_block or "none",
-        batch_size=timings.batch_size or None,
-        nsamples=int(calibration.shape[0]) if needs else 0, seqlen=int(calibration.shape[1]) if needs else 0,
-        sparsity_profile=allocation.profile.name, allocation=allocation.record(planned),
-        seconds={"allocation": t_planned - t0, "catch": timings.catch_s, "forward": timings.forward_s,
-                 "decision": timings.visit_s, "total": time.perf_counter() - t0})
+        batch_size=timings.batch_size or None, nsamples=int(calibration.shape[0]) if needs else 0,
+        seqlen=int(calibration.shape[1]) if needs else 0, sparsity_profile=allocation.profile.name,
+        allocation=allocation.record(planned), seconds={"allocation": t_planned - t0, **timings.seconds(t0)})
     tally.fill(report, len(blocks), needs)
     log.info("%s: %.4f of the decoder linear weights are zero", method, report.overall_sparsity)
     return report
+
+
+@dataclass
+class _PruneVisit:
+    """The pass's visitor: each map pruned to its own target (reordered first where its inputs may be)."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    prefix: str
+    prune_method: PruneMethod
+    target: PruneTarget
+    allocation: Allocation
+    sparsities: list[float]  # per block
+    movable: dict
+    tally: "_Tally"
+
+    def __call__(self, index: int, linear: LinearMap | ExpertMap, stats: InputStats | None) -> torch.Tensor | None:
+        own = self.allocation.target_of(self.target, self.sparsities[index], f"{self.prefix}.{index}.{linear.name}")
+        order = None
+        if linear.name in self.movable:  # reordered first: the mask is decided in the new order
+            block = self.blocks[index]
+            groups = permutable_inputs(block, self.model.config)[linear.name]
+            order = reorder_for_nm(block, linear, groups, self.prune_method.score(linear.weight, stats), *own.nm)
+            stats = stats.reordered(order) if stats is not None else None
+        new_weight, _ = self.prune_method.fn(linear.weight.contiguous(), stats, own)
+        linear.set_weight(new_weight.to(linear.weight.dtype))
+        self.tally.add(index, linear, stats, own.expected_sparsity)
+        return order
+
+
+def _check_method(prune_method, target: PruneTarget, allocation: Allocation,
+                  calibration: torch.Tensor | None) -> frozenset[str]:
+    """Refuse a target the method cannot reach, or a pass without the windows it needs; returns what it needs."""
+    prune_method.check(target)
+    needs = prune_method.needs_for(target)
+    if (needs or allocation.needs) and calibration is None:
+        raise ConfigError(f"method {prune_method.name!r} with sparsity profile {allocation.profile.name!r} needs "
+                          "calibration windows")
+    return needs
+
+
+def _check_model(model: nn.Module, blocks, target: PruneTarget, allocation: Allocation) -> dict:
+    """Refuse what cannot be pruned as asked, before any pass; returns the maps whose inputs get reordered."""
+    if target.nm:
+        _check_widths(blocks, target.nm[1])
+    movable = check_permutable(blocks[0], model.config, target.nm[1]) if target.permute else {}
+    _check_finite_weights(model)
+    _warn_unmatched(allocation, model)
+    return movable
 
 
 @dataclass
