@@ -78,7 +78,7 @@ class InputStats:
         """The statistics of the same inputs with their channels reordered: channel ``k`` is the old ``order[k]``."""
         pick = (lambda t: None if t is None else t[order.to(t.device)])
         gram = None if self.gram is None else self.gram[order.to(self.gram.device)][:, order.to(self.gram.device)]
-        return InputStats(self.tokens, pick(self.sq_norms), gram, pick(self.abs_sums))
+        return InputStats(self.tokens, pick(self.sq_norms), gram, pick(self.abs_sums), pick(self.means), pick(self.m2))
 
 
 def pooled_moments(n_a: int, mean_a: torch.Tensor | None, m2_a: torch.Tensor | None, n_b: int, mean_b: torch.Tensor,

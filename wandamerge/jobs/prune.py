@@ -70,7 +70,7 @@ class PruneConfig(BaseModel):
                                                                   "its official code; row for the others].")
     variant: bool = Field(PruneTarget.variant, description="Wanda's cumulative-score alpha search (per-row, unstructured).")
     update: bool = Field(PruneTarget.update, description="Least-squares update of the kept weights "
-                                                         "(ria/wanda/magnitude).")
+                                                         "(ria/wanda/magnitude/dsnot).")
     permute: bool = Field(PruneTarget.permute, description="With --pattern N:M: reorder the input channels of "
                                                            "the MLP's down map and the attention's output map "
                                                            "(and the rows making them) so that the mask keeps "

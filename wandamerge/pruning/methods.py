@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 
+from ..core.dsnot import DsnotSettings, dsnot_refine
 from ..core.scores import magnitude_score, ria_score, wanda_score
 from ..core.selection import (check_group, check_sparsity, cumulative_alpha_keep, keep_after_pruning, keep_n_of_m,
                               parse_pattern)
 from ..core.sparsegpt import sparsegpt_prune
 from ..errors import ConfigError, lookup
-from ..runner import GRAM, NORMS, InputStats
+from ..runner import GRAM, MOMENTS, NORMS, InputStats
 
 
 @dataclass(frozen=True)
@@ -164,3 +165,24 @@ def sparsegpt(weight, stats, target):
     sparsity = 0.0 if target.nm else target.sparsity
     return sparsegpt_prune(weight, stats.gram, sparsity=sparsity, n=n, m=m,
                            blocksize=target.blocksize, percdamp=target.percdamp)
+
+
+
+def _register_dsnot(name: str, settings: DsnotSettings, doc: str) -> None:
+    """A DSnoT method: Wanda's mask refined by :func:`~wandamerge.core.dsnot.dsnot_refine` under ``settings``,
+    on any pattern; --update refits the kept weights after, --permute reorders by Wanda's score first."""
+    def fn(weight, stats, target):
+        score = wanda(weight, stats)
+        keep = keep_mask(score, target)
+        if stats.tokens and stats.means is not None:
+            keep = dsnot_refine(weight, keep, score, stats.means, stats.m2 / stats.tokens, target.nm, settings)
+        return prune_weight(weight, keep, stats, target), keep
+    PRUNE_METHODS[name] = PruneMethod(name, frozenset({NORMS, MOMENTS}), fn, doc, score=wanda)
+
+
+_register_dsnot("dsnot", DsnotSettings(), "Wanda's mask refined by DSnoT's swaps (Zhang et al., ICLR 2024): pruned "
+                "weights that pull a row's mean output error towards zero regrown, kept weights of least Wanda "
+                "score on the other side pruned, while the row's mean error shrinks without changing sign.")
+_register_dsnot("dsnot-guarded", DsnotSettings(guard=True), "DSnoT whose swaps also may not raise the row's mean "
+                "squared output error estimated with uncorrelated input channels (mean error squared plus the "
+                "pruned weights' variance).")
