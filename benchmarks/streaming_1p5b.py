@@ -21,10 +21,14 @@ process's own. Runs:
   the streamed per-tensor merge measured by ``merge-ties``;
 * with ``--full-wanda-merge``, ``merge-ties-wanda-low-memory``: the whole
   Wanda-scored TIES merge with ``--low-memory`` (about as long as ``merge-ties``);
+* with ``--activation-merges``, ``merge-regmean-low-memory`` and ``merge-obim-low-memory``: RegMean
+  (input Grams) and OBIM (density 0.2) with ``--low-memory``, each fine-tune calibrated on its own token
+  file (two seeds of random ids) through the base, as the testbed's task activations;
 * with ``--reference``, ``prune-in-memory``: the prune without ``--low-memory``,
   and a tensor-by-tensor comparison of the two outputs.
 
-    python benchmarks/streaming_1p5b.py [--layers 26] [--reference] [--full-wanda-merge] [--keep]
+    python benchmarks/streaming_1p5b.py [--layers 26] [--reference] [--full-wanda-merge] [--activation-merges]
+                                        [--keep]
                                         [--only RUN ...]
 
 ``--only`` reruns the runs named and keeps the others from the results file
@@ -114,6 +118,18 @@ def write_model(out: Path, layers: int, seed: int, base: Path | None = None, noi
     tmp.rename(out)
 
 
+def activation_recipe(base: Path, finetunes: tuple[Path, ...], method: str, parameters: dict) -> dict:
+    """A ``method`` merge of ``finetunes`` with each fine-tune calibrated on its own token file (random ids,
+    seeded by its position), through the base."""
+    models = []
+    for i, finetune in enumerate(finetunes, start=1):
+        calib = WORK / f"calib-{i}.pt"
+        torch.save(torch.randint(3, 32000, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(i)), calib)
+        models.append({"model": str(finetune), "parameters": dict(parameters),
+                       "calibration": {"data": str(calib), "nsamples": NSAMPLES, "seqlen": SEQLEN}})
+    return {"merge_method": method, "base_model": str(base), "models": models}
+
+
 def size_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -194,6 +210,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=26)
     parser.add_argument("--reference", action="store_true", help="also the in-memory prune, and compare outputs")
     parser.add_argument("--full-wanda-merge", action="store_true", help="also the whole Wanda-scored merge")
+    parser.add_argument("--activation-merges", action="store_true",
+                        help="also RegMean and OBIM on per-model calibration, --low-memory")
     parser.add_argument("--keep", action="store_true", help="keep the models in the cache")
     parser.add_argument("--only", action="append", help="run only this run (repeatable); keep the others' results")
     args = parser.parse_args()
@@ -235,6 +253,10 @@ def main() -> None:
     wanda_recipe = {**recipe, "sparsify": {"score": "wanda"},
                     "calibration": {"data": str(calib), "nsamples": NSAMPLES, "seqlen": SEQLEN}}
     (WORK / "ties.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for name, method, parameters in (("regmean", "regmean", {"weight": 1.0}),
+                                     ("obim", "obim", {"weight": 1.0, "density": 0.2})):
+        (WORK / f"{name}.yaml").write_text(yaml.safe_dump(activation_recipe(base, (ft1, ft2), method, parameters),
+                                                          sort_keys=False))
     (WORK / "ties-wanda.yaml").write_text(yaml.safe_dump(wanda_recipe, sort_keys=False))
 
     wandamerge = [WANDAMERGE, "-q"]
@@ -251,6 +273,12 @@ def main() -> None:
         runs.append(("merge-ties-wanda-low-memory", wandamerge,
                      ["merge", str(WORK / "ties-wanda.yaml"), "-o", str(WORK / "merged-wanda"), "--overwrite",
                       "--low-memory"], "calibration pass over the base one block at a time, then the streamed merge"))
+    if args.activation_merges:
+        runs += [(f"merge-{name}-low-memory", wandamerge,
+                  ["merge", str(WORK / f"{name}.yaml"), "-o", str(WORK / f"merged-{name}"), "--overwrite",
+                   "--low-memory"], f"{name}: one calibration pass per fine-tune over the base, a block at a "
+                                    "time; its statistics kept on disk beside the output; then the streamed merge")
+                 for name in ("regmean", "obim")]
     if args.only:
         runs = [r for r in runs if r[0] in args.only]
     for name, program, cmd_args, note in runs:
