@@ -73,6 +73,12 @@ CONFIGS: dict[str, list[str] | None] = {
     "ria-2:4-permute-update": ["--method", "ria", "--pattern", "2:4", "--permute", "--update"],
     "wanda-2:4-permute-update": ["--method", "wanda", "--pattern", "2:4", "--permute", "--update"],
     "ria-50": ["--method", "ria", "--sparsity", "0.5"],
+    # DSnoT's mask refinement from Wanda's mask: the paper's rules, and guarded by the squared-error estimate
+    "dsnot-2:4": ["--method", "dsnot", "--pattern", "2:4"],
+    "dsnot-guarded-2:4": ["--method", "dsnot-guarded", "--pattern", "2:4"],
+    "dsnot-2:4-permute-update": ["--method", "dsnot", "--pattern", "2:4", "--permute", "--update"],
+    "dsnot-70": ["--method", "dsnot", "--sparsity", "0.7"],
+    "dsnot-guarded-70": ["--method", "dsnot-guarded", "--sparsity", "0.7"],
 }
 # robustness to calibration size: the first K of the 128 calibration windows
 for _k in (1, 4, 16, 64):
