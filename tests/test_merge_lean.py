@@ -85,6 +85,9 @@ CASES = [
     ("task_arithmetic", {"score": "magnitude"}),
     ("breadcrumbs", {"gamma": [0.05, 0.1, 0.0]}),
     ("breadcrumbs_ties", {}),
+    ("obim", {"norms": "per model"}),  # the saliencies of each fine-tune's own input norms, by column
+    ("obim", {}),  # no norms (an embedding): |delta| alone
+    ("ties", {"score": "wanda", "election": "activation", "norms": "per model"}),
 ]
 
 
@@ -100,7 +103,9 @@ def test_merge_rows_equals_whole_tensor(monkeypatch, method, options, dtype, qua
     base, fts = base.to(dtype), [ft.to(dtype) for ft in fts]
     options = dict(options)
     densities = options.pop("densities", [0.3, 0.5, 0.25])
-    if options.get("score") == "wanda":
+    if options.pop("norms", None) == "per model":
+        options["input_sq_norms"] = [torch.rand(24, generator=g) for _ in fts]
+    elif options.get("score") == "wanda":
         options["input_sq_norms"] = torch.rand(24, generator=g)
     whole = methods.merge_tensor_detailed(method, base, fts, [0.5, 0.3, 0.2], densities, **options)
     monkeypatch.setattr(chunked, "BLOCK", 200)  # 4 rows a block

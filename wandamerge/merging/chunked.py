@@ -12,7 +12,9 @@ the combine), and memory holds a few blocks of every input, not a tensor.
 
 The trims are the sparsifiers' own :class:`~.sparsify.Selection` rows, planned
 once by :func:`~.methods.plan_merge` for both paths: nothing is re-derived here.
-Covered: methods on deltas with no sparsifier or a selection sparsifier
+Covered: methods on deltas with no sparsifier or a selection sparsifier, their combine entry by entry
+(OBIM's exclusive assignment and the activation sign election too: each fine-tune's input norms are per
+column, the same for every block of rows)
 (``magnitude``, ``wanda``, ``breadcrumbs``), rescale off or ``"density"``,
 float32 arithmetic (float32/float16/bfloat16 inputs). Not covered, and merged
 whole by :func:`~.methods.merge_tensor_detailed`: the draw sparsifiers
@@ -36,11 +38,15 @@ from .methods import MergePlan, MergeResult, combine_deltas, plan_merge
 from .sparsify import SparsifyPlan, mask_and_rescale, rescale_mode
 
 BLOCK = 1 << 22  # entries of one input in a block (rounded to whole row chunks of the combine)
+# combine options read entry by entry, with each fine-tune's input norms by column: rows merge alone
+ROW_OPTIONS = frozenset({"election"})
 
 
 def chunked_merge_applies(plan: MergePlan, dtypes: Sequence[torch.dtype]) -> bool:
     """Whether :func:`merge_rows` covers a merge so planned, with inputs of these dtypes (see the module doc)."""
-    if plan.method.on != "deltas" or plan.method.needs_grams or plan.method.needs_norms:  # data-aware: whole
+    if plan.method.on != "deltas" or plan.method.needs_grams:  # a solve over whole rows and columns: whole
+        return False
+    if set(plan.method_options) - ROW_OPTIONS:
         return False
     if any(d == torch.float64 or not d.is_floating_point for d in dtypes):
         return False
@@ -132,8 +138,9 @@ def merge_rows(plan: MergePlan, base, finetuned: Sequence, *, dtype: torch.dtype
             base_block = base.rows(start, stop).to(dtype)
             base_w = base_block.to(work)
             block_deltas = (trim.apply(read(finetuned[i], start, stop) - base_w) for i, trim in enumerate(trims))
-            yield combine_deltas(plan.method, base_w, block_deltas, weight_t, plan.normalize,
-                                 plan.lambda_).to(dtype), base_block
+            yield combine_deltas(plan.method, base_w, block_deltas, weight_t, plan.normalize, plan.lambda_,
+                                 options=plan.method_options or None,
+                                 input_sq_norms=plan.input_norms).to(dtype), base_block
 
     return plan.result(None), blocks()
 
