@@ -8,7 +8,8 @@ process tree, ``programs/measure.py``). The activation-aware ones calibrate each
 training prompts (task activations: 64 x 128 tokens per model, as ``merge_testbed.py``); Wanda-TIES on
 the same calibration is the reference the issue compares against (RegMean and OBIM within 2x its time
 and 1.5x its memory). Task arithmetic (no calibration) is the I/O floor of an eight-model merge.
-Results: ``benchmarks/results/merge_cost.{md,json}``.
+Results: ``benchmarks/results/merge_cost.{md,json}``; with ``--only``, the rows not rerun are kept with their
+own commit and date (ratios against the reference are only meaningful between rows of one run).
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ def main() -> None:
     root = default_root()
     finetunes = build_finetunes(base, root, TASKS)
     calibration = {t: task_calibration(root, t) for t in TASKS}
+    previous = HERE / "results" / "merge_cost.json"
     rows = {}
+    if args.only and previous.is_file():  # the rows not rerun stay, each with its own commit and date
+        old = json.loads(previous.read_text())
+        rows = {name: {"commit": old["meta"]["commit"], "date": old["meta"]["date"], **row}
+                for name, row in old["rows"].items() if name not in args.only}
+    stamp = {key: portable(provenance([]))[key] for key in ("commit", "date")}
     with tempfile.TemporaryDirectory(dir=root) as work:
         for name in RECIPES:
             if args.only and name not in args.only:
@@ -86,7 +93,7 @@ def main() -> None:
             runs = [measure([str(BIN / "wandamerge"), "merge", str(path), "-o", str(Path(work) / "out"),
                              "--overwrite"]) for _ in range(args.repeats)]
             wall, rss = min(r[0] for r in runs), max(r[1] for r in runs)
-            rows[name] = {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2 ** 30, 2)}
+            rows[name] = {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2 ** 30, 2), **stamp}
             print(f"{name}: {wall:.1f} s, {rss / 2 ** 30:.2f} GB", flush=True)
     reference = rows.get(REFERENCE)
     for row in rows.values():
@@ -107,10 +114,12 @@ def markdown(result: dict) -> str:
              f"- task calibration: {result['task_calibration']['nsamples']} x {result['task_calibration']['seqlen']}"
              " tokens of each task's training prompts, per model; wall time the fastest of "
              f"{result['repeats']} run(s), peak RSS of the merge process tree", "",
-             f"| recipe | seconds | peak RSS (GB) | time / {result['reference']} | memory / it |", "|---|---|---|---|---|"]
+             f"| recipe | seconds | peak RSS (GB) | time / {result['reference']} | memory / it | measured at |",
+             "|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
         lines.append(f"| {name} | {row['seconds']} | {row['peak_rss_gb']} | {row.get('time_vs_reference', '')} | "
-                     f"{row.get('memory_vs_reference', '')} |")
+                     f"{row.get('memory_vs_reference', '')} | {row.get('commit', meta['commit'])}, "
+                     f"{row.get('date', meta['date'])} |")
     return "\n".join(lines) + "\n"
 
 
