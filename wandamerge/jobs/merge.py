@@ -174,10 +174,10 @@ def collect_input_norms(model, windows: torch.Tensor, *, device: str = "cpu", ba
                                      stats.abs_sums.cpu() if abs_sums else None)
 
     needs = {NORMS} | ({GRAM} if grams is not None else set()) | ({ABS} if abs_sums else set())
-    blockwise_pass(model, windows, visit, needs=needs, device=device,
-                   batch_size=batch_size,
-                   within_block="sequential" if batch_size is None else "parallel", progress=progress,
-                   desc="activations", loader=loader)
+    # auto: one forward per block over every window when its activations fit beside the block's inputs, else
+    # batches that fit (the visitor changes nothing, so both orders see the same activations)
+    blockwise_pass(model, windows, visit, needs=needs, device=device, batch_size=batch_size, within_block="auto",
+                   progress=progress, desc="activations", loader=loader)
     return norms
 
 
