@@ -79,6 +79,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "dsnot-2:4-permute-update": ["--method", "dsnot", "--pattern", "2:4", "--permute", "--update"],
     "dsnot-70": ["--method", "dsnot", "--sparsity", "0.7"],
     "dsnot-guarded-70": ["--method", "dsnot-guarded", "--sparsity", "0.7"],
+    "dsnot-guarded-70-owl": ["--method", "dsnot-guarded", "--sparsity", "0.7", "--sparsity-profile", "owl"],
 }
 # robustness to calibration size: the first K of the 128 calibration windows
 for _k in (1, 4, 16, 64):
