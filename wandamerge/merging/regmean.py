@@ -33,6 +33,7 @@ from ..errors import ConfigError
 
 DEFAULT_ALPHA = 0.9  # provisional: issue 14 chooses it on the testbed's validation split
 DEFAULT_RIDGE = 1e-4
+_COLUMNS_AT_ONCE = 512  # columns of a Gram converted to float64 at a time
 
 
 def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -59,18 +60,49 @@ def regmean_combine(weighted: torch.Tensor, weights: torch.Tensor, grams: Sequen
                           f"got {weights.tolist()}")
     total = torch.zeros(width, width, dtype=torch.float64, device=weighted.device)
     target = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"regmean alpha {alpha} is outside [0, 1]")
     for i, gram in enumerate(grams):
-        reduced = reduce_off_diagonal(gram.to(device=weighted.device, dtype=torch.float64), alpha)
-        total.add_(reduced, alpha=float(w[i]))
-        target.addmm_(weighted[i].to(torch.float64), reduced)  # (w_i tau_i) G_i
+        task_vector = weighted[i].to(torch.float64)
+        for start in range(0, width, _COLUMNS_AT_ONCE):  # a block of the Gram's columns in float64 at a time
+            columns = slice(start, start + _COLUMNS_AT_ONCE)
+            reduced = gram[:, columns].to(device=weighted.device, dtype=torch.float64) * alpha
+            reduced[columns].diagonal().copy_(gram[columns, columns].diagonal())
+            total[:, columns].add_(reduced, alpha=float(w[i]))
+            target[:, columns].addmm_(task_vector, reduced)  # (w_i tau_i) G_i
+        del task_vector
     if ridge < 0:
         raise ConfigError(f"regmean ridge {ridge} is negative")
     eps = ridge * float(total.diagonal().mean())
     if eps > 0:
-        target.add_(weighted.to(torch.float64).sum(0), alpha=eps / float(w.sum()))
+        summed = torch.zeros_like(target)
+        for task_vector in weighted:  # one float64 copy at a time, not the whole stack's
+            summed.add_(task_vector.to(torch.float64))
+        target.add_(summed, alpha=eps / float(w.sum()))
+        del summed
         total.diagonal().add_(eps)
-    # X total = target, total symmetric: X = (total^-1 target^T)^T
-    return torch.linalg.solve(total, target.T).T.to(weighted.dtype)
+    return _solve_symmetric_in_place(total, target).to(weighted.dtype)
+
+
+def _solve_symmetric_in_place(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``X`` with ``X total = target`` for a symmetric positive definite float64 ``total`` (in, in) on the CPU:
+    LAPACK's Cholesky factor and solve overwrite ``total`` and ``target`` (out, in), so a wide map's solve holds
+    no copy of either (a 5632-wide Gram is 254 MB in float64). A ``total`` that is not positive definite in
+    floating point, or on another device, gets a general solve."""
+    if total.device.type == "cpu":
+        import numpy as np
+        from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+        a, b = total.numpy().T, target.numpy().T  # Fortran-ordered views of the same memory
+        try:
+            factor = cho_factor(a, lower=False, overwrite_a=True, check_finite=False)
+        except LinAlgError:
+            pass
+        else:
+            solved = cho_solve(factor, b, overwrite_b=True, check_finite=False)  # total^-1 target^T
+            return torch.from_numpy(np.ascontiguousarray(solved.T))
+        total = total.triu() + total.triu(1).T  # the failed factorisation overwrote one triangle: rebuild it
+    return torch.linalg.solve(total, target.T).T
 
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_RIDGE", "reduce_off_diagonal", "regmean_combine"]
