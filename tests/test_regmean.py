@@ -221,3 +221,20 @@ def test_regmean_plus_equals_a_whole_model_reference_and_differs_from_regmean(tm
     # merged blocks' outputs: not the same merge
     later = "model.layers.1.mlp.down_proj.weight"
     assert not torch.allclose(got[later], plain[later], atol=1e-5)
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_the_in_place_solve_equals_a_general_solve(definite):
+    """The Cholesky solve that overwrites its inputs, and its fallback for a matrix that is not positive
+    definite (which the failed factorisation has partly overwritten), against numpy's general solve."""
+    import numpy as np
+
+    from wandamerge.merging.regmean import _solve_symmetric_in_place
+
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    total = a @ a.T + torch.eye(40, dtype=torch.float64) if definite else a + a.T  # indefinite: both signs
+    target = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    want = np.linalg.solve(total.numpy(), target.numpy().T).T
+    got = _solve_symmetric_in_place(total.clone(), target.clone())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)

@@ -94,6 +94,7 @@ def _solve_symmetric_in_place(total: torch.Tensor, target: torch.Tensor) -> torc
         from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
         a, b = total.numpy().T, target.numpy().T  # Fortran-ordered views of the same memory
+        diagonal = total.diagonal().clone()  # a failed factorisation overwrites one triangle and the diagonal
         try:
             factor = cho_factor(a, lower=False, overwrite_a=True, check_finite=False)
         except LinAlgError:
@@ -101,7 +102,7 @@ def _solve_symmetric_in_place(total: torch.Tensor, target: torch.Tensor) -> torc
         else:
             solved = cho_solve(factor, b, overwrite_b=True, check_finite=False)  # total^-1 target^T
             return torch.from_numpy(np.ascontiguousarray(solved.T))
-        total = total.triu() + total.triu(1).T  # the failed factorisation overwrote one triangle: rebuild it
+        total = total.triu(1) + total.triu(1).T + torch.diag(diagonal)  # rebuilt from the untouched triangle
     return torch.linalg.solve(total, target.T).T
 
 
