@@ -29,6 +29,8 @@ SETTINGS = {
     "sparsegpt-2:4": dict(method="sparsegpt", pattern="2:4"),
     "magnitude-50": dict(method="magnitude", sparsity=0.5),
     "wanda-parallel-update": dict(method="wanda", sparsity=0.5, update=True, within_block="parallel", batch_size=2),
+    "dsnot-2:4": dict(method="dsnot", pattern="2:4"),  # the inputs' means and variances from the streamed pass
+    "dsnot-guarded-70": dict(method="dsnot-guarded", sparsity=0.7),
 }
 
 
