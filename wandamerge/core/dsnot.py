@@ -75,7 +75,8 @@ def _refine_rows(w, keep, score, mean, var, nm, settings: DsnotSettings) -> torc
     effect = w * mean  # W_ij * mean(x_j): what weight ij adds to row i's mean output
     error = (effect * ~keep).sum(1)  # e_i
     sign = error.sign()
-    variance_error = (w ** 2 * var * ~keep).sum(1)
+    variance_cost = w ** 2 * var  # what pruning weight ij adds to row i's output variance
+    variance_error = (variance_cost * ~keep).sum(1)
     grow = _GrowQueue(effect, var, keep, sign, settings.var_power)
     cut = None if nm else _CutQueue(effect, score, keep, sign)
     active = sign != 0
@@ -87,7 +88,7 @@ def _refine_rows(w, keep, score, mean, var, nm, settings: DsnotSettings) -> torc
         p, p_ok = _cut_in_group(keep & kept_at_start, score, g, nm[1]) if nm else cut.next()
         after = error - _at(effect, g) + _at(effect, p)
         ok = active & g_ok & p_ok & (after.sign() == sign) & (after.abs() < error.abs())
-        after_variance = variance_error - _at(w ** 2 * var, g) + _at(w ** 2 * var, p)
+        after_variance = variance_error - _at(variance_cost, g) + _at(variance_cost, p)
         if settings.guard:
             ok &= after ** 2 + after_variance <= error ** 2 + variance_error
         swapped = ok.nonzero().squeeze(1)

@@ -12,11 +12,12 @@ the combine), and memory holds a few blocks of every input, not a tensor.
 
 The trims are the sparsifiers' own :class:`~.sparsify.Selection` rows, planned
 once by :func:`~.methods.plan_merge` for both paths: nothing is re-derived here.
-Covered: methods on deltas with no sparsifier or a selection sparsifier, their combine entry by entry
-(OBIM's exclusive assignment and the activation sign election too: each fine-tune's input norms are per
-column, the same for every block of rows)
+Covered: methods on deltas with no sparsifier or a selection sparsifier
 (``magnitude``, ``wanda``, ``breadcrumbs``), rescale off or ``"density"``,
-float32 arithmetic (float32/float16/bfloat16 inputs). Not covered, and merged
+float32 arithmetic (float32/float16/bfloat16 inputs), and a combine that works
+entry by entry: also OBIM's exclusive assignment and the activation sign
+election, whose input norms are per column, the same for every block of rows.
+Not covered, and merged
 whole by :func:`~.methods.merge_tensor_detailed`: the draw sparsifiers
 (``random``/DARE and ``della``, whose draws over the whole tensor a block
 order would change), the norm-matching rescales (``True``/``"l1"``, ``"l2"``,

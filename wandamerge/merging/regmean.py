@@ -36,12 +36,14 @@ DEFAULT_RIDGE = 1e-4
 _COLUMNS_AT_ONCE = 512  # columns of a Gram converted to float64 at a time
 
 
-def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha * gram`` with the diagonal kept whole: ``alpha G + (1 - alpha) diag(G)``."""
+def reduce_off_diagonal(gram: torch.Tensor, alpha: float, columns: slice = slice(None),
+                        dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """``alpha * gram`` with the diagonal kept whole: ``alpha G + (1 - alpha) diag(G)``; of the ``columns``
+    given only (a new ``(in, k)`` tensor, in ``dtype`` on ``device``, default the Gram's)."""
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"regmean alpha {alpha} is outside [0, 1]")
-    reduced = gram * alpha
-    reduced.diagonal().copy_(gram.diagonal())
+    reduced = gram[:, columns].to(device=device or gram.device, dtype=dtype or gram.dtype) * alpha
+    reduced[columns].diagonal().copy_(gram[columns, columns].diagonal())
     return reduced
 
 
@@ -60,14 +62,11 @@ def regmean_combine(weighted: torch.Tensor, weights: torch.Tensor, grams: Sequen
                           f"got {weights.tolist()}")
     total = torch.zeros(width, width, dtype=torch.float64, device=weighted.device)
     target = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"regmean alpha {alpha} is outside [0, 1]")
     for i, gram in enumerate(grams):
         task_vector = weighted[i].to(torch.float64)
         for start in range(0, width, _COLUMNS_AT_ONCE):  # a block of the Gram's columns in float64 at a time
             columns = slice(start, start + _COLUMNS_AT_ONCE)
-            reduced = gram[:, columns].to(device=weighted.device, dtype=torch.float64) * alpha
-            reduced[columns].diagonal().copy_(gram[columns, columns].diagonal())
+            reduced = reduce_off_diagonal(gram, alpha, columns, torch.float64, weighted.device)
             total[:, columns].add_(reduced, alpha=float(w[i]))
             target[:, columns].addmm_(task_vector, reduced)  # (w_i tau_i) G_i
         del task_vector

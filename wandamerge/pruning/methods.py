@@ -167,7 +167,6 @@ def sparsegpt(weight, stats, target):
                            blocksize=target.blocksize, percdamp=target.percdamp)
 
 
-
 def _register_dsnot(name: str, settings: DsnotSettings, doc: str) -> None:
     """A DSnoT method: Wanda's mask refined by :func:`~wandamerge.core.dsnot.dsnot_refine` under ``settings``,
     on any pattern; --update refits the kept weights after, --permute reorders by Wanda's score first."""
