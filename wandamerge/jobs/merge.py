@@ -35,7 +35,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -85,9 +85,28 @@ class InputNorms:
     gram: torch.Tensor | None = None  # the same Gram in memory (one block's, in a propagated pass)
 
     def load_gram(self) -> torch.Tensor | None:
+        """The Gram, memory-mapped from its file: its pages are read as a merge reads them, and leave memory
+        with the tensor."""
         if self.gram is not None:
             return self.gram
-        return None if self.gram_file is None else torch.load(self.gram_file, weights_only=True)
+        return None if self.gram_file is None else torch.load(self.gram_file, weights_only=True, mmap=True)
+
+
+class GramsOnDemand(Sequence):
+    """The fine-tunes' input Grams of one map, each loaded when indexed and not kept: a merge that takes them
+    one at a time (RegMean's sums, WUDI's, a trim's) holds one in memory, not one per fine-tune (a 5632-wide
+    Gram is 127 MB in float32), and a check of their shapes reads none of their values."""
+
+    def __init__(self, norms: Sequence[InputNorms]):
+        self._norms = list(norms)
+
+    def __len__(self) -> int:
+        return len(self._norms)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        if isinstance(index, slice):
+            raise TypeError("GramsOnDemand is indexed one fine-tune at a time")
+        return self._norms[index].load_gram()
 
 
 @dataclass
@@ -905,7 +924,7 @@ def plan_tensor(recipe: MergeRecipe, method: MergeMethod, name: str, t: float, s
         input_sq_norms=[n.sq_norms for n in norms] if (row and row.needs_input_norms or _needs_norms(recipe))
         and None not in norms else None,
         election=shared("election"),
-        input_grams=[n.load_gram() for n in norms] if _needs_grams(recipe) and None not in norms else None,
+        input_grams=GramsOnDemand(norms) if _needs_grams(recipe) and None not in norms else None,
         alpha=shared("alpha"), ridge=shared("ridge"), linear_map=linear_map, gram_share=shared("gram_share"),
         group=_group(recipe) if takes("group") else None, pattern=_pattern(recipe) if takes("pattern") else None)
 

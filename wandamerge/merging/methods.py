@@ -570,8 +570,10 @@ def _norms_per_model(input_sq_norms, n: int) -> list:
     return norms
 
 
-def _grams_per_model(input_grams, n: int) -> list:
-    grams = list(input_grams)
+def _grams_per_model(input_grams, n: int) -> Sequence:
+    """One Gram per fine-tune; a sequence stays as given (one that loads each Gram when indexed is not read
+    whole here)."""
+    grams = input_grams if isinstance(input_grams, Sequence) else list(input_grams)
     if len(grams) != n:
         raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
     return grams

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 
 DEFAULT_ALPHA = 0.9  # provisional: issue 14 chooses it on the testbed's validation split
 DEFAULT_RIDGE = 1e-4
-_COLUMNS_AT_ONCE = 512  # columns of a Gram converted to float64 at a time
+_AT_ONCE = 512  # rows or columns converted to float64 at a time
 
 
 def reduce_off_diagonal(gram: torch.Tensor, alpha: float, columns: slice = slice(None),
@@ -54,33 +54,39 @@ def regmean_combine(weighted: torch.Tensor, weights: torch.Tensor, grams: Sequen
     n, _, width = weighted.shape
     if len(grams) != n:
         raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
-    if any(g is None or tuple(g.shape) != (width, width) for g in grams):
+    if any(_shape(grams[i]) != (width, width) for i in range(n)):  # indexed: a loading sequence holds one
         raise ConfigError(f"regmean needs one ({width}, {width}) input Gram per fine-tune")
     w = weights.to(torch.float64)
     if bool((w <= 0).any()):
         raise ConfigError(f"regmean weights each fine-tune's Gram by its weight; they must be positive, "
                           f"got {weights.tolist()}")
-    total = torch.zeros(width, width, dtype=torch.float64, device=weighted.device)
-    target = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
-    for i, gram in enumerate(grams):
-        task_vector = weighted[i].to(torch.float64)
-        for start in range(0, width, _COLUMNS_AT_ONCE):  # a block of the Gram's columns in float64 at a time
-            columns = slice(start, start + _COLUMNS_AT_ONCE)
-            reduced = reduce_off_diagonal(gram, alpha, columns, torch.float64, weighted.device)
-            total[:, columns].add_(reduced, alpha=float(w[i]))
-            target[:, columns].addmm_(task_vector, reduced)  # (w_i tau_i) G_i
-        del task_vector
     if ridge < 0:
         raise ConfigError(f"regmean ridge {ridge} is negative")
+    total = torch.zeros(width, width, dtype=torch.float64, device=weighted.device)
+    target = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
+    for i in range(n):
+        gram = grams[i]  # one Gram at a time: a sequence may load each one only when indexed
+        for columns in _blocks(width):  # a block of the Gram's columns in float64 at a time
+            reduced = reduce_off_diagonal(gram, alpha, columns, torch.float64, weighted.device)
+            total[:, columns].add_(reduced, alpha=float(w[i]))
+            for rows in _blocks(target.shape[0]):  # (w_i tau_i) G_i, a block of tau_i's rows in float64 at a time
+                target[rows, columns].addmm_(weighted[i, rows].to(torch.float64), reduced)
+        del gram
     eps = ridge * float(total.diagonal().mean())
     if eps > 0:
-        summed = torch.zeros_like(target)
-        for task_vector in weighted:  # one float64 copy at a time, not the whole stack's
-            summed.add_(task_vector.to(torch.float64))
-        target.add_(summed, alpha=eps / float(w.sum()))
-        del summed
+        for task_vector in weighted:
+            for rows in _blocks(target.shape[0]):
+                target[rows].add_(task_vector[rows].to(torch.float64), alpha=eps / float(w.sum()))
         total.diagonal().add_(eps)
     return _solve_symmetric_in_place(total, target).to(weighted.dtype)
+
+
+def _shape(gram: torch.Tensor | None) -> tuple | None:
+    return None if gram is None else tuple(gram.shape)
+
+
+def _blocks(size: int, step: int = _AT_ONCE):
+    return (slice(start, start + step) for start in range(0, size, step))
 
 
 def _solve_symmetric_in_place(total: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
