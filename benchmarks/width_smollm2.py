@@ -7,10 +7,11 @@ R' (R' = the width model's removed block parameters / the dense linear maps'
 entries). Each output is measured here:
 
 * parameters (all, and of the decoder blocks) and bytes of safetensors on disk;
-* CPU speed with stock transformers, 2 threads, batch 1: prefill tokens/s
+* CPU speed with stock transformers, 2 threads: prefill tokens/s at batch 1
   (one 512-token forward) and decode tokens/s (greedy ``generate`` of 64 new
-  tokens after a 32-token prompt, KV cache on); the median of 5 runs after 1
-  warm-up, every model measured in the same process, interleaved;
+  tokens after a 32-token prompt, KV cache on) at batch 1 and at batch 8; the
+  median of 5 runs after 1 warm-up, every model measured in the same process,
+  interleaved;
 * perplexity on the shared evaluation windows (64 x 512), through ``wandamerge ppl``.
 
 Calibration: the shared 128 x 512 windows. Results: benchmarks/results/width_smollm2.{md,json}.
@@ -42,6 +43,8 @@ from wandamerge.models import prepare_smollm2  # noqa: E402
 
 RATIOS = (0.2, 0.3)
 REPEATS = 5
+BATCH = 8  # the batched decode: BATCH prompts at once, tokens/s over all of them
+NEW_TOKENS = 64
 
 
 def parameters(model) -> tuple[int, int]:
@@ -55,21 +58,31 @@ def linear_entries(model) -> int:
     return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
 
 
-def speed(model, prompt: torch.Tensor) -> dict:
-    """Prefill and decode tokens/s at batch 1 (medians of REPEATS after a warm-up)."""
-    prefill, decode = [], []
+def speed(model, prompts: torch.Tensor) -> dict:
+    """Prefill tokens/s at batch 1, decode tokens/s at batch 1 and at BATCH (medians of REPEATS after a
+    warm-up); ``prompts``: (BATCH, >= 512) token windows."""
+    prefill, decode, batched = [], [], []
     with torch.inference_mode():
         for attempt in range(REPEATS + 1):
             t0 = time.perf_counter()
-            model(input_ids=prompt[:, :512], use_cache=False)
+            model(input_ids=prompts[:1, :512], use_cache=False)
             t1 = time.perf_counter()
-            model.generate(prompt[:, :32], max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                           pad_token_id=0)
+            generate(model, prompts[:1, :32])
             t2 = time.perf_counter()
+            generate(model, prompts[:BATCH, :32])
+            t3 = time.perf_counter()
             if attempt:
                 prefill.append(512 / (t1 - t0))
-                decode.append(64 / (t2 - t1))
-    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+                decode.append(NEW_TOKENS / (t2 - t1))
+                batched.append(BATCH * NEW_TOKENS / (t3 - t2))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            f"decode_batch{BATCH}_tokens_per_s": statistics.median(batched)}
+
+
+def generate(model, prompt: torch.Tensor) -> None:
+    """Greedy decoding of NEW_TOKENS tokens after ``prompt`` (KV cache on)."""
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
 
 
 def size_on_disk(path: Path) -> int:
@@ -111,7 +124,7 @@ def main() -> None:
         rows[f"wanda-unstructured-{matched}"] = {"dir": str(wanda_dir), "same_parameters_as": f"width-{ratio}",
                                                  **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity",
                                                                                    str(matched)], log)}
-    prompt = torch.load(eval_data)[:1]
+    prompts = torch.load(eval_data)[:BATCH]
     models = {name: AutoModelForCausalLM.from_pretrained(row["dir"]).eval() for name, row in rows.items()}
     for name, row in rows.items():
         total, blocks = parameters(models[name])
@@ -123,11 +136,11 @@ def main() -> None:
     timings = {name: [] for name in rows}
     for _ in range(2):  # interleaved rounds, so drifts in the machine's speed hit every model alike
         for name, model in models.items():
-            timings[name].append(speed(model, prompt))
+            timings[name].append(speed(model, prompts))
     for name, row in rows.items():
         row.update({key: max(t[key] for t in timings[name]) for key in timings[name][0]})
-        row["decode_vs_dense"] = row["decode_tokens_per_s"] / (rows["dense"].get("decode_tokens_per_s") or 1)
-        row["prefill_vs_dense"] = row["prefill_tokens_per_s"] / (rows["dense"].get("prefill_tokens_per_s") or 1)
+        for key in ("decode", f"decode_batch{BATCH}", "prefill"):
+            row[f"{key}_vs_dense"] = row[f"{key}_tokens_per_s"] / (rows["dense"].get(f"{key}_tokens_per_s") or 1)
     write(rows, {**provenance([__file__, *sys.argv[1:]]), "versions": versions(), "threads": 2})
     for name in rows:
         if name != "dense":
@@ -144,15 +157,16 @@ def write(rows: dict, header: dict) -> None:
              f"- machine: {header['machine']}; " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()
                                                             if k != "platform"),
              "- calibration: the shared 128 x 512 windows; perplexity: the shared 64 x 512 evaluation windows",
-             f"- speed: stock transformers, CPU, 2 threads, batch 1; prefill = one 512-token forward, decode = greedy "
-             f"generate of 64 tokens after 32 (KV cache); median of {REPEATS} after a warm-up, the better of 2 "
-             "interleaved rounds", "",
-             "| model | parameters | block parameters (nonzero) | MB on disk | perplexity | prefill tok/s | "
-             "decode tok/s | decode vs dense |", "|---|---|---|---|---|---|---|---|"]
+             f"- speed: stock transformers, CPU, 2 threads; prefill = one 512-token forward at batch 1; decode = greedy "
+             f"generate of {NEW_TOKENS} tokens after 32 (KV cache), at batch 1 and at batch {BATCH} (tokens/s "
+             f"over the {BATCH} sequences); median of {REPEATS} after a warm-up, the better of 2 interleaved rounds",
+             "", "| model | parameters | block parameters (nonzero) | MB on disk | perplexity | prefill tok/s | "
+             f"decode tok/s (vs dense) | decode tok/s at batch {BATCH} (vs dense) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['parameters']:,} | {r['block_parameters']:,} ({r['nonzero_block_parameters']:,}) "
                      f"| {r['bytes_on_disk'] / 1e6:.0f} | {r['ppl']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_dense']:.2f}x |")
+                     f"{r['decode_tokens_per_s']:.1f} ({r['decode_vs_dense']:.2f}x) | "
+                     f"{r[f'decode_batch{BATCH}_tokens_per_s']:.1f} ({r[f'decode_batch{BATCH}_vs_dense']:.2f}x) |")
     lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in rows.items()] + [""]
     (results / "width_smollm2.md").write_text("\n".join(lines))
 
