@@ -131,3 +131,30 @@ def test_ppl_command_reports_perplexity(model_dir, text_file):
     result = run("ppl", model_dir("opt"), "--data", text_file, "--seqlen", 16, "--windows", 3)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["perplexity"] > 1
+
+
+def test_sigterm_removes_the_staging_folder_and_spilled_files(tmp_path):
+    """A run stopped by SIGTERM (kill, timeout, a scheduler) cleans up as an interrupted run does: the staging
+    sibling of the output and a temporary folder beside it are gone, and the exit status is the signal's."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import tempfile, time
+        from wandamerge.cli import exit_on_termination
+        from wandamerge.io.staging import staged_output
+        exit_on_termination()
+        with staged_output({str(tmp_path / 'out')!r}) as staging, \\
+                tempfile.TemporaryDirectory(prefix='.out-grams-', dir={str(tmp_path)!r}) as spill:
+            (staging / 'model.safetensors').write_bytes(b'0' * 1000)
+            print('ready', flush=True)
+            time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    assert len(list(tmp_path.iterdir())) == 2  # the staging folder and the spill folder
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
