@@ -3,10 +3,12 @@
 Validation: the held-out (odd-indexed) Wikipedia articles' tokens AFTER the 64 x 512 that the shared
 evaluation windows hold (tokenized as ../shared/data/smollm2-wiki/README.md says; the first 64 x 512 tokens
 are checked equal to eval_64x512.pt, so the two never overlap): 32 windows of 512. Calibration: the shared
-128 x 512 windows. For each method and sparsity, every lambda of the grid (M = 5, the paper's) is pruned and
-measured on validation; the best lambda is then the one benchmarks/prune_smollm2.py measures on test.
+128 x 512 windows. For each method and sparsity, every (lambda, M) of the grid (default: the lambdas below at
+M = 5, the paper's) is pruned and measured on validation; the best is then the one benchmarks/prune_smollm2.py
+measures on test.
 
-    python benchmarks/owl_validation.py [--methods wanda sparsegpt] [--sparsity 0.7]
+    python benchmarks/owl_validation.py [--methods wanda sparsegpt] [--sparsity 0.7] [--lambdas 0.04 0.06]
+                                        [--owl-m 3 7]
 
 Results: benchmarks/results/owl_validation.{json,md} (resumable: measured rows are kept).
 """
@@ -24,9 +26,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from wandamerge.core.allocation import OWL_M  # noqa: E402
 from wandamerge.io.record import provenance  # noqa: E402
 
 LAMBDAS = (0.0, 0.08, 0.15, 0.25)  # 0 = uniform; 0.08 = the paper's default
+FIRST_RUN, FIRST_DATE = "3be3643", "2026-12-02 19:19 UTC"  # the rows measured before rows carried their own stamp
 WINDOWS = Path("../shared/data/smollm2-wiki")
 RESULTS = HERE / "results"
 WORK = Path.home() / ".cache" / "wandamerge" / "bench" / "prune"
@@ -51,8 +55,8 @@ def validation_windows() -> Path:
     return out
 
 
-def measure(method: str, sparsity: float, lam: float, validation: Path) -> float:
-    profile = ["--sparsity-profile", "owl", "--owl-lambda", str(lam)] if lam else []
+def measure(method: str, sparsity: float, lam: float, m: float, validation: Path) -> float:
+    profile = ["--sparsity-profile", "owl", "--owl-lambda", str(lam), "--owl-m", str(m)] if lam else []
     cmd = [str(BIN / "wandamerge"), "-q", "prune", "smollm2", "--method", method, "--sparsity", str(sparsity),
            "--calib", str(HERE.parent / WINDOWS / "calib_128x512.pt"), "--nsamples", "128", "--seqlen", "512",
            "--eval-ppl", str(validation), "--eval-windows", "32", *profile]
@@ -64,25 +68,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["wanda"])
     parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
+    parser.add_argument("--owl-m", type=float, nargs="+", default=[OWL_M], help="outlier thresholds M")
     args = parser.parse_args()
     validation = validation_windows()
     path = RESULTS / "owl_validation.json"
     result = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     result.update(provenance([__file__, *sys.argv[1:]]))
     for method in args.methods:
-        for lam in LAMBDAS:
-            key = f"{method}-{args.sparsity}-lambda{lam}"
+        for lam, m in [(lam, m) for m in args.owl_m for lam in args.lambdas]:
+            key = f"{method}-{args.sparsity}-lambda{lam}" + (f"-m{m:g}" if m != OWL_M and lam else "")
             if key not in result["rows"]:
-                result["rows"][key] = {"method": method, "sparsity": args.sparsity, "lambda": lam,
-                                       "validation_ppl": measure(method, args.sparsity, lam, validation)}
+                stamp = {k: v for k, v in provenance([]).items() if k in ("commit", "date", "machine")}
+                result["rows"][key] = {"method": method, "sparsity": args.sparsity, "lambda": lam, "m": m, **stamp,
+                                       "validation_ppl": measure(method, args.sparsity, lam, m, validation)}
                 print(key, result["rows"][key]["validation_ppl"], flush=True)
                 path.write_text(json.dumps(result, indent=2))
     lines = [f"# OWL's lambda on validation windows ({result['date']}, commit {result['commit']})", "",
              f"- command: `{result['command']}`", f"- machine: {result['machine']}",
              "- validation: 32 x 512 held-out Wikipedia tokens after the shared evaluation windows (disjoint from "
-             "them); calibration: the shared 128 x 512 windows; M = 5; lambda 0 = uniform sparsity", "",
-             "| method | sparsity | lambda | validation perplexity |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['sparsity']} | {r['lambda']} | {r['validation_ppl']:.2f} |"
+             "them); calibration: the shared 128 x 512 windows; M = the outlier threshold (5, the paper's, where not "
+             "said); lambda 0 = uniform sparsity; each row with the commit and date it was measured at", "",
+             "| method | sparsity | lambda | M | validation perplexity | commit, date |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['sparsity']} | {r['lambda']} | {r.get('m', OWL_M):g} | "
+              f"{r['validation_ppl']:.2f} | {r.get('commit', FIRST_RUN)}, {r.get('date', FIRST_DATE)} |"
               for r in result["rows"].values()]
     best = {}
     for r in result["rows"].values():
@@ -90,7 +99,7 @@ def main() -> None:
         if key not in best or r["validation_ppl"] < best[key]["validation_ppl"]:
             best[key] = r
     lines += ["", "Chosen (lowest validation perplexity): " + "; ".join(
-        f"{m} {s}: lambda {r['lambda']}" for (m, s), r in best.items()), ""]
+        f"{m} {s}: lambda {r['lambda']}, M {r.get('m', OWL_M):g}" for (m, s), r in best.items()), ""]
     (RESULTS / "owl_validation.md").write_text("\n".join(lines))
 
 
