@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -251,3 +253,21 @@ def own_calibration_windows(tmp_path, count: int, seed: int) -> list:
     for i, w in enumerate(windows):
         torch.save(w, tmp_path / f"calib{i}.pt")
     return windows
+
+
+class LoadedWhenIndexed(Sequence):
+    """A sequence of tensors, each a fresh copy made when indexed (as the merge job's Grams, loaded from their
+    files), that counts how many of its copies were alive at once (``most_alive``)."""
+
+    def __init__(self, tensors):
+        self.tensors, self.alive, self.most_alive = list(tensors), [], 0
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, index):
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        made = self.tensors[index].clone()
+        self.alive.append(weakref.ref(made))
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return made

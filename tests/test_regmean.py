@@ -243,29 +243,13 @@ def test_the_in_place_solve_equals_a_general_solve(definite):
 def test_regmean_reads_its_grams_one_at_a_time_from_a_sequence_that_loads_them():
     """A sequence that makes each Gram only when indexed (as the merge job's, from files): at most one is
     alive at a time, and the merge is the one from the list of the same Grams."""
-    import weakref
-    from collections.abc import Sequence
+    from conftest import LoadedWhenIndexed
 
     taus, inputs = task_data(3, n=4, out=700, width=600)  # over one block of rows and of columns
     weights = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
     grams = [x.T @ x / x.shape[0] for x in inputs]
-
-    class Loading(Sequence):
-        def __init__(self):
-            self.alive, self.most = [], 0
-
-        def __len__(self):
-            return len(grams)
-
-        def __getitem__(self, index):
-            self.alive = [ref for ref in self.alive if ref() is not None]
-            made = grams[index].clone()
-            self.alive.append(weakref.ref(made))
-            self.most = max(self.most, len(self.alive))
-            return made
-
-    loading = Loading()
+    loading = LoadedWhenIndexed(grams)
     weighted = torch.stack([w * t for w, t in zip(weights, taus)])
     got = regmean_combine(weighted, weights, loading, alpha=0.7, ridge=1e-3)
-    assert loading.most == 1
+    assert loading.most_alive == 1
     assert torch.equal(got, regmean_combine(weighted, weights, grams, alpha=0.7, ridge=1e-3))

@@ -107,6 +107,21 @@ def test_wudi_activation_takes_the_loop_of_its_loss_on_the_raw_inputs(share):
         torch.testing.assert_close(got, wudi_combine(torch.stack(taus), torch.ones(3), steps=50, lr=1e-3))
 
 
+
+def test_wudi_activation_reads_its_grams_one_at_a_time_from_a_sequence_that_loads_them():
+    from conftest import LoadedWhenIndexed
+    from wandamerge.merging.wudi import wudi_activation_combine
+
+    taus = task_vectors(5)
+    gen = torch.Generator().manual_seed(6)
+    grams = [x.T @ x / x.shape[0] for x in (torch.randn(20, 5, generator=gen) for _ in range(3))]
+    loading = LoadedWhenIndexed(grams)
+    got = wudi_activation_combine(torch.stack(taus), torch.ones(3), loading, gram_share=0.5, steps=20, lr=1e-3)
+    assert loading.most_alive == 1
+    assert torch.equal(got, wudi_activation_combine(torch.stack(taus), torch.ones(3), grams, gram_share=0.5,
+                                                    steps=20, lr=1e-3))
+
+
 def test_wudi_activation_refuses_what_it_cannot_merge():
     from wandamerge.errors import ConfigError
     from wandamerge.merging.methods import merge_tensor

@@ -54,7 +54,8 @@ def regmean_combine(weighted: torch.Tensor, weights: torch.Tensor, grams: Sequen
     n, _, width = weighted.shape
     if len(grams) != n:
         raise ConfigError(f"{len(grams)} input Grams for {n} fine-tuned tensors")
-    if any(_shape(grams[i]) != (width, width) for i in range(n)):  # indexed: a loading sequence holds one
+    square = torch.Size([width, width])  # indexed, not iterated: a sequence that loads each Gram holds one
+    if any(getattr(grams[i], "shape", None) != square for i in range(n)):
         raise ConfigError(f"regmean needs one ({width}, {width}) input Gram per fine-tune")
     w = weights.to(torch.float64)
     if bool((w <= 0).any()):
@@ -79,10 +80,6 @@ def regmean_combine(weighted: torch.Tensor, weights: torch.Tensor, grams: Sequen
                 target[rows].add_(task_vector[rows].to(torch.float64), alpha=eps / float(w.sum()))
         total.diagonal().add_(eps)
     return _solve_symmetric_in_place(total, target).to(weighted.dtype)
-
-
-def _shape(gram: torch.Tensor | None) -> tuple | None:
-    return None if gram is None else tuple(gram.shape)
 
 
 def _blocks(size: int, step: int = _AT_ONCE):

@@ -64,6 +64,7 @@ def interference_quadratic(flat: torch.Tensor, input_grams: Sequence[torch.Tenso
             gram = input_grams[i].to(device=flat.device, dtype=torch.float32)
             trace = float(gram.diagonal().sum())
             own = own * (1 - gram_share) + (gram * (gram_share / trace) if trace > 0 else 0)
+            del gram  # before the next one is loaded: a sequence that loads each Gram holds one at a time
         hessian += own
         target += tau @ own
     return hessian, target
@@ -102,7 +103,8 @@ def wudi_activation_combine(weighted: torch.Tensor, weights: torch.Tensor, grams
     if not 0.0 <= gram_share <= 1.0:
         raise ConfigError(f"gram_share {gram_share} is outside [0, 1]")
     n, _, width = weighted.shape
-    if len(grams) != n or any(g is None or tuple(g.shape) != (width, width) for g in grams):
+    square = torch.Size([width, width])  # indexed, not iterated: a sequence that loads each Gram holds one
+    if len(grams) != n or any(getattr(grams[i], "shape", None) != square for i in range(n)):
         raise ConfigError(f"wudi_activation needs one ({width}, {width}) input Gram per fine-tune")
     flat = _as_rows(weighted)
     merged = adam_from_sum(flat, *interference_quadratic(flat, grams, gram_share), steps, lr)
