@@ -725,3 +725,35 @@ def test_a_home_directory_of_no_user_is_a_recipe_error(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": "~0",
                                                 "models": [{"model": "~no_such_user_here/m"}]})
     refused(cli("merge", recipe, "-o", tmp_path / "out"), "no home directory", "without ~")
+
+
+def test_scratch_files_of_a_run_killed_outright_go_with_the_next_run(tmp_path):
+    """A merge's spilled Grams (gigabytes for a large model) left by a run killed with SIGKILL, where no cleanup
+    can run, are removed by the next run into the same place, as its staging folder is; a live run's are kept."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from wandamerge.io.staging import scratch_dir, staged_output
+
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from wandamerge.io.staging import scratch_dir
+        with scratch_dir(Path({str(out)!r}), "grams") as spill:
+            (Path(spill) / "gram.pt").write_bytes(b"0" * 1000)
+            print(spill, flush=True)
+            time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    left = Path(child.stdout.readline().strip())
+    assert left.parent == tmp_path and left.name.startswith(f".out.partial-{child.pid}@")
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert left.is_dir()  # nothing could clean up
+    with scratch_dir(out, "grams") as mine, staged_output(out) as staging:
+        (staging / "config.json").write_text("{}")
+        assert Path(mine).is_dir()  # this live run's scratch is not taken for a stale one
+    assert not left.exists() and out.is_dir()

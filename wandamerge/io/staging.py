@@ -83,6 +83,14 @@ def clear_stale_partials(out: Path) -> None:
             sibling.unlink(missing_ok=True)
 
 
+def scratch_dir(out: Path, label: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside ``out`` for a run's scratch files (a merge's spilled Grams), removed when the
+    context ends; named as the run's staging sibling (``.OUT.partial-PID@HOST.LABEL-*``), so that if the run is
+    killed outright the next run into the same place removes it with the rest."""
+    out = Path(out)
+    return tempfile.TemporaryDirectory(prefix=f"{_partial_name(out)}.{label}-", dir=out.parent)
+
+
 def disk_full(out: Path) -> ModelError:
     """The error for a disk that fills up while ``out`` is written (what was written is already gone)."""
     place = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("/"))

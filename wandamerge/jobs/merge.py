@@ -33,7 +33,6 @@ import itertools
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +52,7 @@ from ..io.chat_templates import chat_template_text
 from ..io.dtypes import DTYPE_NAMES, TORCH_DTYPES, dtype_name, torch_dtype
 from ..io.record import StageClock, input_digests, peak_memory, versions
 from ..io.safetensors import DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, TensorRows
-from ..io.staging import check_output_dir, staged_output
+from ..io.staging import check_output_dir, scratch_dir, staged_output
 from ..loaders import StreamedModel, should_stream
 from ..merging.aim import aim_relax
 from ..merging.chunked import chunked_merge_applies, merge_rows
@@ -230,8 +229,7 @@ def merge(recipe: Recipe, out: str | Path, *, recipe_text: str | None = None, de
     score = _score(recipe)
     norms_per_input, aim_stats, calib_record = [None] * len(recipe.models), None, None
     cleanup = ExitStack()  # the folder of input Grams, beside the output, removed at the end
-    spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}-grams-", dir=out.parent))) \
-        if _needs_grams(recipe) else None
+    spill = Path(cleanup.enter_context(scratch_dir(out, "grams"))) if _needs_grams(recipe) else None
     propagate, precomputed = get_method(recipe.merge_method).propagate, {}
     if _reads_activations(recipe) or recipe.aim is not None:
         with clock.stage("activations"), cleanup.pop_all() as on_error:  # the folder goes if the pass fails
