@@ -31,6 +31,7 @@ from wandamerge.io.record import provenance  # noqa: E402
 
 LAMBDAS = (0.0, 0.08, 0.15, 0.25)  # 0 = uniform; 0.08 = the paper's default
 FIRST_RUN, FIRST_DATE = "3be3643", "2026-12-02 19:19 UTC"  # the rows measured before rows carried their own stamp
+FIRST_MACHINE = "x86_64, 2 cores, 24 GiB, Linux-6.18.44-fc-v1045-x86_64-with-glibc2.36"
 WINDOWS = Path("../shared/data/smollm2-wiki")
 RESULTS = HERE / "results"
 WORK = Path.home() / ".cache" / "wandamerge" / "bench" / "prune"
@@ -93,6 +94,11 @@ def main() -> None:
     lines += [f"| {r['method']} | {r['sparsity']} | {r['lambda']} | {r.get('m', OWL_M):g} | "
               f"{r['validation_ppl']:.2f} | {r.get('commit', FIRST_RUN)}, {r.get('date', FIRST_DATE)} |"
               for r in result["rows"].values()]
+    machines = {}
+    for r in result["rows"].values():
+        machines.setdefault(r.get("machine", FIRST_MACHINE), []).append(r.get("date", FIRST_DATE)[:10])
+    lines += ["", "Machines: " + "; ".join(f"{m} ({', '.join(sorted(set(days)))})" for m, days in machines.items())
+              + ". Perplexity does not depend on a machine's speed, but float sums may differ slightly between CPUs."]
     best = {}
     for r in result["rows"].values():
         key = (r["method"], r["sparsity"])
