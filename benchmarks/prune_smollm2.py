@@ -67,6 +67,9 @@ CONFIGS: dict[str, list[str] | None] = {
     "wanda-60-owl": ["--method", "wanda", "--sparsity", "0.6", "--sparsity-profile", "owl"],
     "wanda-70-owl": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl"],
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--sparsity-profile", "owl"],
+    # OWL's lambda as benchmarks/owl_validation.py chose it on validation windows (0.04 at M 5)
+    "wanda-70-owl-validated": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl",
+                               "--owl-lambda", "0.04"],
     # 2:4 at SparseGPT's quality for Wanda's cost: RIA, its channel permutation, and the least-squares refit
     "ria-2:4": ["--method", "ria", "--pattern", "2:4"],
     "ria-2:4-permute": ["--method", "ria", "--pattern", "2:4", "--permute"],
