@@ -142,12 +142,13 @@ def test_sigterm_removes_the_staging_folder_and_spilled_files(tmp_path):
     import textwrap
 
     script = textwrap.dedent(f"""
-        import tempfile, time
+        import time
+        from pathlib import Path
         from wandamerge.cli import exit_on_termination
-        from wandamerge.io.staging import staged_output
+        from wandamerge.io.staging import scratch_dir, staged_output
         exit_on_termination()
-        with staged_output({str(tmp_path / 'out')!r}) as staging, \\
-                tempfile.TemporaryDirectory(prefix='.out-grams-', dir={str(tmp_path)!r}) as spill:
+        out = Path({str(tmp_path / 'out')!r})
+        with staged_output(out) as staging, scratch_dir(out, 'grams'):  # as a merge's spilled Grams
             (staging / 'model.safetensors').write_bytes(b'0' * 1000)
             print('ready', flush=True)
             time.sleep(60)

@@ -107,7 +107,6 @@ def test_wudi_activation_takes_the_loop_of_its_loss_on_the_raw_inputs(share):
         torch.testing.assert_close(got, wudi_combine(torch.stack(taus), torch.ones(3), steps=50, lr=1e-3))
 
 
-
 def test_wudi_activation_reads_its_grams_one_at_a_time_from_a_sequence_that_loads_them():
     from conftest import LoadedWhenIndexed
     from wandamerge.merging.wudi import wudi_activation_combine
