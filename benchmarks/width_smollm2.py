@@ -1,10 +1,12 @@
-"""Structured width pruning on SmolLM2-135M: a smaller, faster model, against unstructured Wanda.
+"""Structured pruning on SmolLM2-135M: a smaller, faster model, against unstructured Wanda.
 
-For R in (0.2, 0.3): ``wandamerge prune --structure width --sparsity R`` (FLAP's
-score, bias compensation where the config carries it) and, at the same number
-of parameters removed from the decoder blocks, unstructured Wanda at sparsity
-R' (R' = the width model's removed block parameters / the dense linear maps'
-entries). Each output is measured here:
+For R in (0.2, 0.3) and each structure asked (default: width): ``wandamerge
+prune --structure width --sparsity R`` (FLAP's score, bias compensation where
+the config carries it) or ``--structure depth --sparsity R`` (whole blocks by
+ShortGPT's Block Influence) and, at the same number of parameters removed from
+the decoder blocks, unstructured Wanda at sparsity R' (R' = the structured
+model's removed block parameters / the dense linear maps' entries). Each output
+is measured here:
 
 * parameters (all, and of the decoder blocks) and bytes of safetensors on disk;
 * CPU speed with stock transformers, 2 threads: prefill tokens/s at batch 1
@@ -14,9 +16,10 @@ entries). Each output is measured here:
   interleaved;
 * perplexity on the shared evaluation windows (64 x 512), through ``wandamerge ppl``.
 
-Calibration: the shared 128 x 512 windows. Results: benchmarks/results/width_smollm2.{md,json}.
+Calibration: the shared 128 x 512 windows. Results: benchmarks/results/TAG.{md,json} (TAG: width_smollm2).
 
-    python benchmarks/width_smollm2.py [--windows-dir ../shared/data/smollm2-wiki]
+    python benchmarks/width_smollm2.py [--windows-dir ../shared/data/smollm2-wiki] [--structures width depth]
+                                       [--tag structured_smollm2]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from wandamerge.io.record import provenance, versions  # noqa: E402
 from wandamerge.models import prepare_smollm2  # noqa: E402
 
 RATIOS = (0.2, 0.3)
+STRUCTURES = ("width", "depth")
 REPEATS = 5
 BATCH = 8  # the batched decode: BATCH prompts at once, tokens/s over all of them
 NEW_TOKENS = 64
@@ -101,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows-dir", default=WINDOWS_DIR)
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/wandamerge/bench/width"))
+    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, default=["width"])
+    parser.add_argument("--tag", default="width_smollm2", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(2)
     windows = (HERE.parent / args.windows_dir).resolve()
@@ -113,17 +119,18 @@ def main() -> None:
     dense_total, dense_blocks = parameters(dense_model)
     dense_linear = linear_entries(dense_model)
     rows = {"dense": {"dir": dense, "command": "(the dense model)"}}
-    for ratio in RATIOS:
-        width_dir = work / f"width-{ratio}"
-        rows[f"width-{ratio}"] = {"dir": str(width_dir), **prune(dense, width_dir, calib, [
-            "--structure", "width", "--sparsity", str(ratio)], log)}
-        cut = AutoModelForCausalLM.from_pretrained(width_dir)
-        removed = dense_blocks - parameters(cut)[1]
-        matched = round(removed / dense_linear, 4)
-        wanda_dir = work / f"wanda-{matched}"
-        rows[f"wanda-unstructured-{matched}"] = {"dir": str(wanda_dir), "same_parameters_as": f"width-{ratio}",
-                                                 **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity",
-                                                                                   str(matched)], log)}
+    for structure in args.structures:
+        for ratio in RATIOS:
+            cut_dir = work / f"{structure}-{ratio}"
+            rows[f"{structure}-{ratio}"] = {"dir": str(cut_dir), **prune(dense, cut_dir, calib, [
+                "--structure", structure, "--sparsity", str(ratio)], log)}
+            cut = AutoModelForCausalLM.from_pretrained(cut_dir)
+            matched = round((dense_blocks - parameters(cut)[1]) / dense_linear, 4)
+            wanda_dir = work / f"wanda-{matched}"
+            name = f"wanda-unstructured-{matched}"
+            if name not in rows:
+                rows[name] = {"dir": str(wanda_dir), "same_parameters_as": f"{structure}-{ratio}",
+                              **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity", str(matched)], log)}
     prompts = torch.load(eval_data)[:BATCH]
     models = {name: AutoModelForCausalLM.from_pretrained(row["dir"]).eval() for name, row in rows.items()}
     for name, row in rows.items():
@@ -141,18 +148,18 @@ def main() -> None:
         row.update({key: max(t[key] for t in timings[name]) for key in timings[name][0]})
         for key in ("decode", f"decode_batch{BATCH}", "prefill"):
             row[f"{key}_vs_dense"] = row[f"{key}_tokens_per_s"] / (rows["dense"].get(f"{key}_tokens_per_s") or 1)
-    write(rows, {**provenance([__file__, *sys.argv[1:]]), "versions": versions(), "threads": 2})
+    write(rows, {**provenance([__file__, *sys.argv[1:]]), "versions": versions(), "threads": 2}, args.tag)
     for name in rows:
         if name != "dense":
             shutil.rmtree(rows[name]["dir"], ignore_errors=True)
 
 
-def write(rows: dict, header: dict) -> None:
+def write(rows: dict, header: dict, tag: str) -> None:
     results = HERE / "results"
     for row in rows.values():
         row["dir"] = row["dir"].replace(str(Path.home()), "~")
-    (results / "width_smollm2.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    lines = [f"# Structured width pruning on SmolLM2-135M ({header['date']}, commit {header['commit']})", "",
+    (results / f"{tag}.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    lines = [f"# Structured pruning on SmolLM2-135M ({header['date']}, commit {header['commit']})", "",
              f"- command: `{header['command']}`",
              f"- machine: {header['machine']}; " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()
                                                             if k != "platform"),
@@ -168,7 +175,7 @@ def write(rows: dict, header: dict) -> None:
                      f"{r['decode_tokens_per_s']:.1f} ({r['decode_vs_dense']:.2f}x) | "
                      f"{r[f'decode_batch{BATCH}_tokens_per_s']:.1f} ({r[f'decode_batch{BATCH}_vs_dense']:.2f}x) |")
     lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in rows.items()] + [""]
-    (results / "width_smollm2.md").write_text("\n".join(lines))
+    (results / f"{tag}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

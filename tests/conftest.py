@@ -90,6 +90,8 @@ def tiny_model(arch: str, seed: int = 0, num_layers: int | None = None):
     config = tiny_config(arch)
     if num_layers is not None:
         config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None) is not None:  # one entry per block, as the config made them
+            config.layer_types = [config.layer_types[0]] * num_layers
     model = AutoModelForCausalLM.from_config(config).eval()
     # Random init gives near-identical tiny weights; spread them so masks are decisive.
     with torch.no_grad():
@@ -200,6 +202,16 @@ def random_text(nwords: int, seed: int = 0, vocab_size: int = VOCAB) -> str:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (nwords,), generator=g)
     return " ".join(f"w{i}" for i in ids.tolist())
+
+
+def random_windows(seed: int = 1, n: int = 4, length: int = 16) -> torch.Tensor:
+    """Seeded calibration-like token windows ``(n, length)``, no special tokens."""
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from conftest import VOCAB, linear_inputs, tiny_model, tiny_moe_model, word_tokenizer
+from conftest import model_logits as logits
+from conftest import random_windows as windows
 from wandamerge.cli import main
 from wandamerge.core.width import (UnitCost, fluctuation_score, group_scores, kept_units, wanda_sp_score,
                                    width_plan)
@@ -58,15 +60,6 @@ def family_model(family: str, seed: int = 0):
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2 + (1.0 if "norm" in name else 0.0))
     return model
-
-
-def windows(seed: int = 1, n: int = 4, length: int = 16) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from .io.record import package_version
 __version__ = package_version()
 
 _API = {"load_model": "models", "prepare_smollm2": "models", "save_model": "models", "prune": "pruning",
-        "PruneReport": "pruning", "prune_experts": "pruning", "prune_width": "pruning",
+        "PruneReport": "pruning", "prune_experts": "pruning", "prune_width": "pruning", "prune_depth": "pruning",
         "prune_to_directory": "jobs.prune",
         "merge": "jobs.merge", "evaluate": "jobs.evaluate"}
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,6 +482,39 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise ModelError(f"{path!r} of {type(model).__name__} is not a list of decoder blocks")
     return blocks
+
+
+def rebuilt_block(block: nn.Module, index: int, config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new block of ``block``'s class, at position ``index``, built from ``config`` (already rewritten: narrower
+    maps, or fewer blocks) on the meta device and filled by a strict load of ``state``: every tensor must match
+    the new shapes and none is left unfilled."""
+    with torch.device("meta"):
+        new = type(block)(config, layer_idx=index)
+    new.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*new.named_parameters(), *new.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ModelError(f"{type(new).__name__} rebuilt from its config leaves {left[:3]} unset")
+    return new.train(block.training)
+
+
+def replace_blocks(model: nn.Module, config_values: dict, parts: Iterable[tuple[nn.Module, dict]]) -> None:
+    """Set ``config_values`` on ``model``'s config, then make its decoder blocks the rebuilds of ``parts`` (for
+    each new position in order: the block it comes from and the state it gets), in place; the config is
+    restored if a rebuild fails. The new blocks share the model's config, as the ones they replace."""
+    config, blocks = model.config, decoder_blocks(model)
+    before = {key: getattr(config, key, None) for key in config_values}
+    for key, value in config_values.items():
+        setattr(config, key, value)
+    try:
+        with torch.no_grad():
+            new = [rebuilt_block(block, position, config, state) for position, (block, state) in enumerate(parts)]
+    except BaseException:
+        for key, value in before.items():
+            setattr(config, key, value)
+        raise
+    for position, block in enumerate(new):
+        blocks[position] = block
+    del blocks[len(new):]
 
 
 def block_linears(block: nn.Module) -> list[LinearMap]:

@@ -486,10 +486,12 @@ StreamsStep = Callable[[int, nn.Module, "list[list[BlockInputs]]"], None]
 
 def multistream_pass(model: nn.Module, streams: list[torch.Tensor], step: StreamsStep, *,
                      device: str | torch.device = "cpu", batch_size: int | None = None, progress: bool = True,
-                     desc: str = "blocks", loader: BlockLoader | None = None) -> None:
+                     desc: str = "blocks", loader: BlockLoader | None = None,
+                     observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
     """Several calibration streams (one per task) through the blocks together: at each block, ``step`` sees
     the block and every stream's inputs to it and may change the block's weights; then every stream runs
-    through the block as ``step`` left it, for the next block (RegMean++: inputs through the merged blocks)."""
+    through the block as ``step`` left it, for the next block (RegMean++: inputs through the merged blocks).
+    ``observe(index, hidden_in, hidden_out)`` sees each batch's hidden states on both sides of each block."""
     loader = loader or default_loader(model, device)
     blocks = decoder_blocks(model)
     for windows in streams:
@@ -502,6 +504,9 @@ def multistream_pass(model: nn.Module, streams: list[torch.Tensor], step: Stream
             step(index, block, inputs)
             for stream in inputs:
                 for batch in stream:
-                    batch.hidden = run_block(block, batch)
+                    hidden = run_block(block, batch)
+                    if observe is not None:
+                        observe(index, batch.hidden, hidden)
+                    batch.hidden = hidden
             loader.unload(index, block)
             release_freed_memory()

@@ -8,8 +8,9 @@ What goes is the config's ``structure``: ``none`` zeroes weights inside the
 linear maps (``method``, ``sparsity`` or ``pattern``), ``experts`` drops whole
 experts of a mixture-of-experts model (``experts_kept`` in every layer, chosen
 by ``expert_score``), ``width`` removes whole attention heads and MLP channels
-(``sparsity`` of the decoder blocks' parameters, chosen by ``width_score``);
-the last two make the saved model smaller.
+(``sparsity`` of the decoder blocks' parameters, chosen by ``width_score``),
+``depth`` whole decoder blocks (``sparsity`` of the blocks' parameters, chosen
+by ``depth_score``); the last three make the saved model smaller.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from ..io.staging import check_output_dir, staged_output
 from ..loaders import StreamedModel, is_dispatched, should_stream
 from ..models import (decoder_blocks, has_fused_experts, load_model, load_tokenizer, parse_device_map, resolve_model,
                       saved_tensors)
-from ..pruning import (EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, WIDTH_SCORES, ExpertPruneReport, PruneReport,
-                       PruneTarget, SparsityMap, WidthPruneReport, check_permutable, get_prune_method,
-                       get_sparsity_profile, prunable_moe_layers, prune, prune_experts, prune_width, width_setup)
+from ..pruning import (DEPTH_SCORES, EXPERT_SCORES, PRUNE_METHODS, SPARSITY_PROFILES, WIDTH_SCORES, DepthPruneReport,
+                       ExpertPruneReport, PruneReport, PruneTarget, SparsityMap, WidthPruneReport, check_permutable,
+                       depth_setup, get_prune_method, get_sparsity_profile, prunable_moe_layers, prune, prune_depth,
+                       prune_experts, prune_width, width_setup)
 from ..pruning.allocation import Allocation, profile_options
 from ..recipe import expand_home, validated
 from ..runner import WITHIN_BLOCK_ORDERS
@@ -47,11 +49,13 @@ from ..runner import WITHIN_BLOCK_ORDERS
 log = logging.getLogger(__name__)
 
 # what a prune removes: weights inside the linear maps, whole experts, or whole heads and MLP channels
-STRUCTURES = ("none", "experts", "width")
+STRUCTURES = ("none", "experts", "width", "depth")
 WEIGHT_SETTINGS = ("method", "sparsity", "pattern", "group", "variant", "update", "permute", "within_block",
                    "calibrate_all_experts", "sparsity_profile", "sparsity_map", *profile_options())
 EXPERT_SETTINGS = ("experts_kept", "expert_score")
 WIDTH_SETTINGS = ("width_score", "bias_compensation")  # and sparsity, shared with structure none
+DEPTH_SETTINGS = ("depth_score",)  # and sparsity
+OWN_SETTINGS = {"experts": EXPERT_SETTINGS, "width": WIDTH_SETTINGS, "depth": DEPTH_SETTINGS}
 
 
 class PruneConfig(BaseModel):
@@ -60,9 +64,9 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="A model directory, a .gguf file, a hub id, or 'smollm2'.")
     method: str = Field("wanda", description=f"The importance score / solver: {', '.join(sorted(PRUNE_METHODS))}.")
-    sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1); --structure width: "
-                                                              "the share of the decoder blocks' parameters "
-                                                              "removed.")
+    sparsity: float = Field(PruneTarget.sparsity, description="Unstructured ratio in [0, 1); --structure width "
+                                                              "or depth: the share of the decoder blocks' "
+                                                              "parameters removed.")
     pattern: Union[str, None] = Field(PruneTarget.pattern, description="N:M semi-structured pattern, e.g. 2:4 (overrides "
                                                         "--sparsity).")
     group: Union[Literal[GROUPS], None] = Field(None, description="Comparison group for unstructured masks "
@@ -95,7 +99,9 @@ class PruneConfig(BaseModel):
                                                                "by --method), experts (whole experts of a "
                                                                "mixture-of-experts model: --experts-kept) or "
                                                                "width (whole attention heads and MLP channels: "
-                                                               "--sparsity of the decoder blocks' parameters).")
+                                                               "--sparsity of the decoder blocks' parameters) "
+                                                               "or depth (whole decoder blocks: --sparsity of "
+                                                               "their parameters).")
     experts_kept: Union[int, None] = Field(None, description="--structure experts: experts kept in every MoE "
                                                              "layer (at least the experts per token).")
     expert_score: str = Field("reap", description=f"--structure experts: what experts are kept by: "
@@ -106,6 +112,9 @@ class PruneConfig(BaseModel):
                                                                    "o_proj and down_proj (the removed channels' "
                                                                    "mean contribution) [default: on where the "
                                                                    "model's config can carry the bias].")
+    depth_score: str = Field("bi", description=f"--structure depth: what blocks are removed by: "
+                                               f"{', '.join(sorted(DEPTH_SCORES))} (bi: ShortGPT's Block "
+                                               f"Influence, the blocks that change their input least go).")
     calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
                                            "TOKENS.npy")
     nsamples: int = Field(128, description="Calibration windows.")
@@ -177,6 +186,8 @@ class PruneConfig(BaseModel):
                              f"{did_you_mean(self.expert_score, EXPERT_SCORES)}")
         if self.width_score not in WIDTH_SCORES:
             raise ValueError(f"unknown width score {self.width_score!r}{did_you_mean(self.width_score, WIDTH_SCORES)}")
+        if self.depth_score not in DEPTH_SCORES:
+            raise ValueError(f"unknown depth score {self.depth_score!r}{did_you_mean(self.depth_score, DEPTH_SCORES)}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
         self.target()
@@ -187,18 +198,19 @@ class PruneConfig(BaseModel):
     def _check_structure(self) -> None:
         """Settings given for another structure are refused, not silently ignored."""
         given = self.model_fields_set
-        for structure, settings in (("experts", EXPERT_SETTINGS), ("width", WIDTH_SETTINGS)):
+        for structure, settings in OWN_SETTINGS.items():
             if self.structure != structure and (extra := [name for name in settings if name in given]):
                 raise ValueError(f"only structure '{structure}' uses {' and '.join(extra)}")
         if self.structure == "none":
             return
         if self.structure == "experts" and self.experts_kept is None:
             raise ValueError("structure 'experts' needs experts_kept: the experts kept in every MoE layer")
-        if self.structure == "width" and "sparsity" not in given:
-            raise ValueError("structure 'width' needs sparsity: the share of the decoder blocks' parameters "
-                             "removed")
-        what = {"experts": "drops whole experts", "width": "removes whole heads and channels"}[self.structure]
-        own = ("sparsity",) if self.structure == "width" else ()
+        if self.structure in ("width", "depth") and "sparsity" not in given:
+            raise ValueError(f"structure '{self.structure}' needs sparsity: the share of the decoder blocks' "
+                             f"parameters removed")
+        what = {"experts": "drops whole experts", "width": "removes whole heads and channels",
+                "depth": "removes whole decoder blocks"}[self.structure]
+        own = ("sparsity",) if self.structure in ("width", "depth") else ()
         if clash := [name for name in WEIGHT_SETTINGS if name in given and name not in own]:
             raise ValueError(f"structure '{self.structure}' {what} and prunes no weights; leave out "
                              f"{', '.join(clash)}")
@@ -362,6 +374,22 @@ def _width_record(config: PruneConfig, report: WidthPruneReport) -> tuple[dict, 
     return {}, {"width": width, "parameters": report.parameters, "bytes": report.bytes}
 
 
+def _check_depth(config: PruneConfig, lm) -> None:
+    depth_setup(lm, config.sparsity)
+
+
+def _cut_depth(config: PruneConfig, lm, calibration, progress: bool, loader) -> DepthPruneReport:
+    """Blocks are removed from the model in memory (``loader`` is None: this structure does not stream)."""
+    return prune_depth(lm, calibration, sparsity=config.sparsity, score=config.depth_score, device=config.device,
+                       batch_size=config.batch_size, progress=progress)
+
+
+def _depth_record(config: PruneConfig, report: DepthPruneReport) -> tuple[dict, dict]:
+    depth = {"score": report.score, "sparsity": report.sparsity, "achieved": report.achieved,
+             "blocks": report.blocks, "removed": report.removed, "scores": report.scores, "notes": report.notes}
+    return {}, {"depth": depth, "parameters": report.parameters, "bytes": report.bytes}
+
+
 def _weights_card(record: dict) -> dict[str, str]:
     s = record["settings"]
     shape = s["pattern"] or f"{s['sparsity']:.0%} unstructured (per {s['group']})"
@@ -398,6 +426,17 @@ def _width_card(record: dict) -> dict[str, str]:
             "details": "per-layer list of kept heads and channels, with group scores and sizes,"}
 
 
+def _depth_card(record: dict) -> dict[str, str]:
+    depth, parameters = record["depth"], record["parameters"]
+    blocks = depth["blocks"]
+    return {"tag": "structured", "title": f"depth-pruned to {blocks['after']} decoder blocks",
+            "what": f"{depth['achieved']:.1%} of the decoder blocks' parameters removed as whole blocks "
+                    f"({blocks['before']} -> {blocks['after']}; removed: {depth['removed']}), chosen by the "
+                    f"{depth['score']} score",
+            "result": f"Parameters: {parameters['before']:,} before, {parameters['after']:,} after.",
+            "details": "every block's score,"}
+
+
 @dataclass(frozen=True)
 class Step:
     """What the job does for one ``structure``: whether it needs calibration windows, whether it may prune
@@ -416,11 +455,15 @@ class Step:
 
 STEPS: dict[str, Step] = {  # one per structure (:data:`STRUCTURES`)
     "none": Step(_method_calibrates, True, _check_weights, _prune_weights, _weights_record,
-                 (*EXPERT_SETTINGS, *WIDTH_SETTINGS), _weights_card),
+                 (*EXPERT_SETTINGS, *WIDTH_SETTINGS, *DEPTH_SETTINGS), _weights_card),
     "experts": Step(lambda config: True, False, _check_experts, _drop_experts, _experts_record,
-                    (*WEIGHT_SETTINGS, *WIDTH_SETTINGS), _experts_card),
+                    (*WEIGHT_SETTINGS, *WIDTH_SETTINGS, *DEPTH_SETTINGS), _experts_card),
     "width": Step(lambda config: True, False, _check_width, _cut_width, _width_record,
-                  (*[name for name in WEIGHT_SETTINGS if name != "sparsity"], *EXPERT_SETTINGS), _width_card),
+                  (*[name for name in WEIGHT_SETTINGS if name != "sparsity"], *EXPERT_SETTINGS, *DEPTH_SETTINGS),
+                  _width_card),
+    "depth": Step(lambda config: True, False, _check_depth, _cut_depth, _depth_record,
+                  (*[name for name in WEIGHT_SETTINGS if name != "sparsity"], *EXPERT_SETTINGS, *WIDTH_SETTINGS),
+                  _depth_card),
 }
 
 
@@ -564,6 +607,10 @@ def summary(record: dict) -> dict:
         head = {"heads": [width["heads"]["before"], width["heads"]["after"]],
                 "channels": [width["channels"]["before"], width["channels"]["after"]],
                 "removed": round(width["achieved"], 4), "parameters": record["parameters"]}
+    elif "depth" in record:
+        depth = record["depth"]
+        head = {"blocks": [depth["blocks"]["before"], depth["blocks"]["after"]], "removed_blocks": depth["removed"],
+                "removed": round(depth["achieved"], 4), "parameters": record["parameters"]}
     else:
         head = {"overall_sparsity": round(record["sparsity"]["overall"], 4)}
     return {**head, "perplexity": {k: round(v, 3) for k, v in record["perplexity"].items()},

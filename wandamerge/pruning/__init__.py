@@ -1,6 +1,7 @@
 """Pruning a model in place: every linear map of its decoder blocks, by a registered method, through the runner;
 or whole experts of a mixture-of-experts model (:func:`prune_experts`, :mod:`.experts`); or whole attention
-heads and MLP channels (:func:`prune_width`, :mod:`.width`)."""
+heads and MLP channels (:func:`prune_width`, :mod:`.width`); or whole decoder blocks (:func:`prune_depth`,
+:mod:`.depth`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..models import (ExpertMap, LinearMap, block_experts, block_linears, block_
 from ..runner import InputStats, blockwise_pass
 from .allocation import (SPARSITY_PROFILES, Allocation, DenseModelScores, SparsityMap, get_sparsity_profile,
                          register_sparsity_profile)
+from .depth import DEPTH_SCORES, DepthPruneReport, depth_setup, get_depth_score, prune_depth, register_depth_score
 from .experts import (EXPERT_SCORES, ExpertPruneReport, get_expert_score, prunable_moe_layers, prune_experts,
                       register_expert_score)
 from .methods import (PRUNE_METHODS, PruneMethod, PruneTarget, get_prune_method, keep_mask, prune_weight,
@@ -27,7 +29,8 @@ from .width import WIDTH_SCORES, WidthPruneReport, get_width_score, prune_width,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
+__all__ = ["DEPTH_SCORES", "DepthPruneReport", "depth_setup", "get_depth_score", "prune_depth",
+           "register_depth_score", "EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
            "SparsityMap", "WIDTH_SCORES", "WidthPruneReport", "check_permutable", "get_expert_score",
            "get_prune_method", "get_sparsity_profile", "get_width_score", "keep_mask", "prunable_moe_layers", "prune",
            "prune_experts", "prune_weight", "prune_width", "register_expert_score", "register_prune_method",

@@ -25,7 +25,7 @@ from ..core.width import (UnitCost, WidthPlan, channel_variance, compensation_bi
                           group_scores, head_rows, kept_units, wanda_sp_score, width_plan)
 from ..errors import ConfigError, ModelError, lookup
 from ..loaders import is_dispatched
-from ..models import LinearMap, WidthLayout, config_head_dim, decoder_blocks, width_layout
+from ..models import LinearMap, WidthLayout, config_head_dim, decoder_blocks, replace_blocks, width_layout
 from ..runner import MOMENTS, NORMS, InputStats, block_input_stats, check_finite, multistream_pass
 
 log = logging.getLogger(__name__)
@@ -265,18 +265,6 @@ def sliced_block_state(block: nn.Module, setup: WidthSetup, cut: LayerCut,
     return state
 
 
-def rebuilt_block(block: nn.Module, index: int, config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A new block of ``block``'s class built from ``config`` (already narrowed) on the meta device and filled
-    by a strict load of ``state``: every tensor must match the new shapes and none is left unfilled."""
-    with torch.device("meta"):
-        new = type(block)(config, layer_idx=index)
-    new.load_state_dict(state, strict=True, assign=True)
-    left = [name for name, t in [*new.named_parameters(), *new.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise ModelError(f"{type(new).__name__} rebuilt narrower leaves {left[:3]} unset")
-    return new.train(block.training)
-
-
 def narrowed_config_values(config, setup: WidthSetup) -> dict:
     """The config keys width pruning rewrites, with their new values (``head_dim`` written out, so that it
     is not recomputed from fewer heads)."""
@@ -289,23 +277,12 @@ def narrowed_config_values(config, setup: WidthSetup) -> dict:
 
 
 def narrow(model: nn.Module, setup: WidthSetup, cuts: dict[int, LayerCut], means: dict[int, dict]) -> None:
-    """Rewrite ``model``'s config and replace every block by its narrowed rebuild, in place (the config
-    restored if a rebuild fails; the blocks share the model's config, as the ones they replace)."""
-    config, blocks = model.config, decoder_blocks(model)
-    values = narrowed_config_values(config, setup)
-    before = {key: getattr(config, key, None) for key in values}
-    for key, value in values.items():
-        setattr(config, key, value)
-    try:
-        with torch.no_grad():
-            new = [rebuilt_block(block, index, config, sliced_block_state(block, setup, cuts[index], means[index]))
-                   for index, block in enumerate(blocks)]
-    except BaseException:
-        for key, value in before.items():
-            setattr(config, key, value)
-        raise
-    for index, block in enumerate(new):
-        blocks[index] = block
+    """Rewrite ``model``'s config and replace every block by its narrowed rebuild, in place
+    (:func:`wandamerge.models.replace_blocks`)."""
+    blocks = decoder_blocks(model)
+    replace_blocks(model, narrowed_config_values(model.config, setup),
+                   ((block, sliced_block_state(block, setup, cuts[index], means[index]))
+                    for index, block in enumerate(blocks)))
 
 
 # ----------------------------------------------------------------------------- the whole step
