@@ -46,6 +46,7 @@ from wandamerge.models import prepare_smollm2  # noqa: E402
 
 RATIOS = (0.2, 0.3)
 STRUCTURES = ("width", "depth")
+SAME_COUNT = 0.001  # unstructured sparsities this close count as the same parameter count (one row for both)
 REPEATS = 5
 BATCH = 8  # the batched decode: BATCH prompts at once, tokens/s over all of them
 NEW_TOKENS = 64
@@ -128,9 +129,12 @@ def main() -> None:
             matched = round((dense_blocks - parameters(cut)[1]) / dense_linear, 4)
             wanda_dir = work / f"wanda-{matched}"
             name = f"wanda-unstructured-{matched}"
-            if name not in rows:
-                rows[name] = {"dir": str(wanda_dir), "same_parameters_as": f"{structure}-{ratio}",
-                              **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity", str(matched)], log)}
+            same = [row for row in rows.values() if abs(row.get("sparsity", -1) - matched) <= SAME_COUNT]
+            if same:  # an unstructured row within SAME_COUNT of this count is measured already
+                same[0]["same_parameters_as"].append(f"{structure}-{ratio}")
+                continue
+            rows[name] = {"dir": str(wanda_dir), "same_parameters_as": [f"{structure}-{ratio}"], "sparsity": matched,
+                          **prune(dense, wanda_dir, calib, ["--method", "wanda", "--sparsity", str(matched)], log)}
     prompts = torch.load(eval_data)[:BATCH]
     models = {name: AutoModelForCausalLM.from_pretrained(row["dir"]).eval() for name, row in rows.items()}
     for name, row in rows.items():
