@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 
 import pytest
@@ -188,7 +189,7 @@ def test_the_python_api_prunes_a_loaded_model_in_place_and_renumbers_the_kept_bl
                     cache_implementation="static")
     reference = reference_without(source, report.removed)
     assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
-    assert set(DEPTH_SCORES) == {"bi"}
+    assert set(DEPTH_SCORES) == {"bi", "ppl"}
 
 
 def test_blocks_that_differ_are_refused_before_any_calibration():
@@ -247,3 +248,19 @@ def test_bad_depth_settings_give_one_line_and_exit_2(tmp_path, args, message):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_ppl_scores_equal_the_perplexity_of_the_family_built_without_each_block(arch, tmp_path):
+    """Shortened LLaMA's criterion against a brute force: for each block, the model built without it by hand,
+    its next-token cross-entropy on the windows in float64, exponentiated (uneven batches: 3 + 1 windows)."""
+    source = save_with_tokenizer(deep_model(arch), tmp_path / "source")
+    model, calib = AutoModelForCausalLM.from_pretrained(source).eval(), windows()
+    report = prune_depth(model, calib, sparsity=0.4, score="ppl", batch_size=3, progress=False)
+    expected = []
+    for index in range(BLOCKS):
+        found = logits(reference_without(source, [index]), calib)[:, :-1].reshape(-1, VOCAB).double()
+        expected.append(math.exp(float(torch.nn.functional.cross_entropy(found, calib[:, 1:].reshape(-1)))))
+    assert report.scores == pytest.approx(expected, rel=1e-5)
+    assert report.removed == sorted(sorted(range(BLOCKS), key=lambda i: (expected[i], -i))[:2])
+    assert len(decoder_blocks(model)) == BLOCKS - 2

@@ -114,7 +114,9 @@ class PruneConfig(BaseModel):
                                                                    "model's config can carry the bias].")
     depth_score: str = Field("bi", description=f"--structure depth: what blocks are removed by: "
                                                f"{', '.join(sorted(DEPTH_SCORES))} (bi: ShortGPT's Block "
-                                               f"Influence, the blocks that change their input least go).")
+                                               f"Influence, the blocks that change their input least go; "
+                                               f"ppl: the blocks whose skipping raises the calibration "
+                                               f"perplexity least go, one forward per block).")
     calib: str = Field("wiki", description="wiki | wikitext2 | c4 | FILE.txt | FILE.jsonl | TOKENS.pt | "
                                            "TOKENS.npy")
     nsamples: int = Field(128, description="Calibration windows.")

@@ -1,10 +1,12 @@
 """Structured depth pruning: whole decoder blocks go, so the model gets shallower, smaller and faster at every
 batch size, and its config stays standard (fewer ``num_hidden_layers``).
 
-Which blocks go is decided by a registered score (:data:`DEPTH_SCORES`) of each block's statistics on the
-calibration windows, taken block by block through the dense model (:func:`wandamerge.runner.multistream_pass`):
-``bi``, ShortGPT's Block Influence (:func:`wandamerge.core.depth.block_influence`), removes the blocks that turn
-the residual stream least. The kept blocks are rebuilt at their new positions from the rewritten config (so
+Which blocks go is decided by a registered score (:data:`DEPTH_SCORES`), one number per block on the
+calibration windows, the lowest going first: ``bi``, ShortGPT's Block Influence
+(:func:`wandamerge.core.depth.block_influence`, from one pass block by block through the dense model,
+:func:`wandamerge.runner.multistream_pass`), removes the blocks that turn the residual stream least; ``ppl``,
+Shortened LLaMA's criterion, the blocks whose skipping raises the windows' perplexity least (one whole-model
+forward per block). The kept blocks are rebuilt at their new positions from the rewritten config (so
 that a block's KV-cache slot and its per-layer settings, such as ``layer_types``, follow it) and filled with
 their own tensors. The blocks removed and every block's score are in the report.
 """
@@ -19,6 +21,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.depth import block_influence, blocks_to_remove, cosine_sum, removed_blocks
 from ..errors import ModelError, lookup
@@ -28,6 +31,7 @@ from .width import check_in_memory, size
 
 log = logging.getLogger(__name__)
 
+SKIP_BATCH = 8  # windows per forward of the ppl score when no batch size is given
 # config entries that hold one value per decoder block: sliced with the blocks
 PER_BLOCK_LISTS = ("layer_types", "no_rope_layers")
 # config entries that single out blocks by their index: a model that sets them is refused
@@ -50,7 +54,8 @@ class BlockStats:
 @dataclass(frozen=True)
 class DepthScore:
     name: str
-    fn: Callable[[BlockStats], float]  # a block's statistics -> its score (lowest goes first)
+    # (model, windows, device, batch size, progress) -> one score per block (the lowest go first)
+    fn: Callable[[nn.Module, torch.Tensor, "str | torch.device", "int | None", bool], list[float]]
     doc: str
 
 
@@ -58,7 +63,7 @@ DEPTH_SCORES: dict[str, DepthScore] = {}
 
 
 def register_depth_score(name: str):
-    def decorate(fn: Callable[[BlockStats], float]):
+    def decorate(fn):
         DEPTH_SCORES[name] = DepthScore(name, fn, (fn.__doc__ or "").strip())
         return fn
     return decorate
@@ -69,9 +74,18 @@ def get_depth_score(name: str) -> DepthScore:
 
 
 @register_depth_score("bi")
-def bi(stats: BlockStats) -> float:
-    """ShortGPT's Block Influence: 1 - the mean cosine between a block's input and output hidden states."""
-    return block_influence(stats.cosines, stats.tokens)
+def bi(model: nn.Module, windows: torch.Tensor, device, batch_size: int | None, progress: bool) -> list[float]:
+    """ShortGPT's Block Influence: 1 - the mean cosine between a block's input and output hidden states, every
+    block run dense, in one pass."""
+    stats = depth_statistics(model, windows, device=device, batch_size=batch_size, progress=progress)
+    return [block_influence(s.cosines, s.tokens) for s in stats]
+
+
+@register_depth_score("ppl")
+def ppl(model: nn.Module, windows: torch.Tensor, device, batch_size: int | None, progress: bool) -> list[float]:
+    """Shortened LLaMA's PPL criterion: the perplexity of the windows with the block skipped (its output replaced
+    by its input), one whole-model forward per block; the blocks whose absence costs least go."""
+    return skipped_perplexities(model, windows, device=device, batch_size=batch_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------- what goes, before any calibration
@@ -147,6 +161,37 @@ def depth_statistics(model: nn.Module, windows: torch.Tensor, *, device: str | t
     return found
 
 
+def _skip(module: nn.Module, args: tuple, kwargs: dict, output):
+    """A forward hook that makes a block return the hidden states it was given (in its own output format)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+
+def skipped_perplexities(model: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu",
+                         batch_size: int | None = None, progress: bool = True) -> list[float]:
+    """For each block, the perplexity of ``model`` on ``windows`` (next-token loss over every window, the whole
+    model on ``device``) with that block skipped."""
+    blocks, home = decoder_blocks(model), next(model.parameters()).device
+    batches = windows.split(batch_size or SKIP_BATCH)
+    found = []
+    model.to(device)
+    try:
+        with torch.inference_mode():
+            for index, block in enumerate(tqdm(blocks, desc="block scores (ppl)", disable=not progress)):
+                handle = block.register_forward_hook(_skip, with_kwargs=True)
+                try:
+                    loss = sum(float(model(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss)
+                               * b.shape[0] for b in batches) / windows.shape[0]
+                finally:
+                    handle.remove()
+                if not math.isfinite(loss):
+                    raise ModelError(f"the model gives a non-finite loss with decoder block {index} skipped")
+                found.append(math.exp(loss))
+    finally:
+        model.to(home)
+    return found
+
+
 def drop_blocks(model: nn.Module, removed: list[int], setup: DepthSetup) -> None:
     """Remove the ``removed`` blocks of ``model`` in place: the config's block count and per-block entries are
     rewritten, and every kept block rebuilt at its new position and filled with its own tensors
@@ -192,9 +237,8 @@ def prune_depth(model: nn.Module, windows: torch.Tensor, *, sparsity: float, sco
     notes = [f"sparsity {sparsity} rounds to no whole block of {setup.blocks}: nothing removed"] \
         if sparsity > 0 and setup.remove == 0 else []
     t0 = time.perf_counter()
-    stats = depth_statistics(model, windows, device=device, batch_size=batch_size, progress=progress)
+    scores = [float(x) for x in scorer.fn(model, windows, device, batch_size, progress)]
     t1 = time.perf_counter()
-    scores = [scorer.fn(s) for s in stats]
     removed = removed_blocks(torch.tensor(scores, dtype=torch.float64), setup.remove)
     drop_blocks(model, removed, setup)
     model_after, blocks_after = size(model), size(decoder_blocks(model))[0]
