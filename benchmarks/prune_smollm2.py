@@ -70,6 +70,9 @@ CONFIGS: dict[str, list[str] | None] = {
     # OWL's lambda as benchmarks/owl_validation.py chose it on validation windows (0.04 at M 5)
     "wanda-70-owl-validated": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl",
                                "--owl-lambda", "0.04"],
+    # the choice once the M grid was run (lambda 0.08, M 10; M 3, 5, 7, 10 at lambda 0.08)
+    "wanda-70-owl-validated-m10": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl",
+                                   "--owl-lambda", "0.08", "--owl-m", "10"],
     # 2:4 at SparseGPT's quality for Wanda's cost: RIA, its channel permutation, and the least-squares refit
     "ria-2:4": ["--method", "ria", "--pattern", "2:4"],
     "ria-2:4-permute": ["--method", "ria", "--pattern", "2:4", "--permute"],
