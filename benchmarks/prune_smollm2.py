@@ -73,6 +73,9 @@ CONFIGS: dict[str, list[str] | None] = {
     # the choice once the M grid was run (lambda 0.08, M 10; M 3, 5, 7, 10 at lambda 0.08)
     "wanda-70-owl-validated-m10": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl",
                                    "--owl-lambda", "0.08", "--owl-m", "10"],
+    # and once M 15 was added (820.9 against M 10's 823.8 on validation)
+    "wanda-70-owl-validated-m15": ["--method", "wanda", "--sparsity", "0.7", "--sparsity-profile", "owl",
+                                   "--owl-lambda", "0.08", "--owl-m", "15"],
     # 2:4 at SparseGPT's quality for Wanda's cost: RIA, its channel permutation, and the least-squares refit
     "ria-2:4": ["--method", "ria", "--pattern", "2:4"],
     "ria-2:4-permute": ["--method", "ria", "--pattern", "2:4", "--permute"],
