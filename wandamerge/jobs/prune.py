@@ -56,6 +56,7 @@ EXPERT_SETTINGS = ("experts_kept", "expert_score")
 WIDTH_SETTINGS = ("width_score", "bias_compensation")  # and sparsity, shared with structure none
 DEPTH_SETTINGS = ("depth_score",)  # and sparsity
 OWN_SETTINGS = {"experts": EXPERT_SETTINGS, "width": WIDTH_SETTINGS, "depth": DEPTH_SETTINGS}
+SIZED_BY_SPARSITY = ("width", "depth")  # structures whose sparsity is the share of block parameters removed
 
 
 class PruneConfig(BaseModel):
@@ -207,12 +208,12 @@ class PruneConfig(BaseModel):
             return
         if self.structure == "experts" and self.experts_kept is None:
             raise ValueError("structure 'experts' needs experts_kept: the experts kept in every MoE layer")
-        if self.structure in ("width", "depth") and "sparsity" not in given:
+        if self.structure in SIZED_BY_SPARSITY and "sparsity" not in given:
             raise ValueError(f"structure '{self.structure}' needs sparsity: the share of the decoder blocks' "
                              f"parameters removed")
         what = {"experts": "drops whole experts", "width": "removes whole heads and channels",
                 "depth": "removes whole decoder blocks"}[self.structure]
-        own = ("sparsity",) if self.structure in ("width", "depth") else ()
+        own = ("sparsity",) if self.structure in SIZED_BY_SPARSITY else ()
         if clash := [name for name in WEIGHT_SETTINGS if name in given and name not in own]:
             raise ValueError(f"structure '{self.structure}' {what} and prunes no weights; leave out "
                              f"{', '.join(clash)}")

@@ -29,12 +29,13 @@ from .width import WIDTH_SCORES, WidthPruneReport, get_width_score, prune_width,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEPTH_SCORES", "DepthPruneReport", "depth_setup", "get_depth_score", "prune_depth",
-           "register_depth_score", "EXPERT_SCORES", "ExpertPruneReport", "PRUNE_METHODS", "PruneReport", "PruneTarget", "SPARSITY_PROFILES",
-           "SparsityMap", "WIDTH_SCORES", "WidthPruneReport", "check_permutable", "get_expert_score",
-           "get_prune_method", "get_sparsity_profile", "get_width_score", "keep_mask", "prunable_moe_layers", "prune",
-           "prune_experts", "prune_weight", "prune_width", "register_expert_score", "register_prune_method",
-           "register_score_method", "register_sparsity_profile", "register_width_score", "width_setup"]
+__all__ = ["check_permutable", "DEPTH_SCORES", "depth_setup", "DepthPruneReport", "EXPERT_SCORES",
+           "ExpertPruneReport", "get_depth_score", "get_expert_score", "get_prune_method", "get_sparsity_profile",
+           "get_width_score", "keep_mask", "prunable_moe_layers", "prune", "prune_depth", "prune_experts",
+           "PRUNE_METHODS", "prune_weight", "prune_width", "PruneReport", "PruneTarget", "register_depth_score",
+           "register_expert_score", "register_prune_method", "register_score_method", "register_sparsity_profile",
+           "register_width_score", "SPARSITY_PROFILES", "SparsityMap", "WIDTH_SCORES", "width_setup",
+           "WidthPruneReport"]
 
 
 @dataclass
